@@ -1,0 +1,91 @@
+"""The `mmret` console script: one entry point, a subcommand per pipeline step.
+
+`mmret fit|validate|test` go to LightningCLI (see `mmret.training_cli`); every other subcommand lives in the
+module that does the work and exposes `configure_parser(parser)` and `run(args) -> int`. Modules are imported
+only when their command runs, so `mmret --help` stays fast.
+
+    mmret shards SRC --output DIR --image-size 224
+    mmret fit -c experiments/digits_clip.yaml --trainer.max_epochs 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from mmret.errors import UsageError
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test")
+
+# name -> (module, one-line help). The module provides configure_parser(parser) and run(args).
+COMMANDS: dict[str, tuple[str, str]] = {
+    "shards": ("mmret.data.shard_writer", "convert image-caption pairs into pre-resized webdataset shards"),
+    "datasets": ("mmret.data.builtin", "write a built-in offline dataset (digits, shapes) as shards"),
+    "demo": ("mmret.demo", "run the whole pipeline on the built-in offline data"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mmret",
+        description="Train, mine, evaluate and tabulate multimodal retrieval models.",
+        epilog="Training: `mmret fit|validate|test -c experiments/X.yaml [--key value ...]` (LightningCLI; "
+        "`mmret fit --help` lists every option).",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in LIGHTNING_COMMANDS:
+        subparsers.add_parser(name, help=f"LightningCLI {name} over the model and data modules", add_help=False)
+    for name, (_, help_text) in COMMANDS.items():
+        subparsers.add_parser(name, help=help_text)
+    return parser
+
+
+def _command_parser(name: str) -> tuple[argparse.ArgumentParser, object]:
+    module = importlib.import_module(COMMANDS[name][0])
+    parser = argparse.ArgumentParser(prog=f"mmret {name}", description=module.__doc__.split("\n\n")[0])
+    module.configure_parser(parser)
+    return parser, module
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one mmret command. Returns the exit code (also used by tests that call it in-process)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in LIGHTNING_COMMANDS:
+        from mmret.training_cli import run_lightning_cli
+
+        return _report_errors(argv[0], lambda: run_lightning_cli(argv))
+    if not argv or argv[0] not in COMMANDS:
+        parser = build_parser()
+        if not argv or argv[0] in ("-h", "--help"):
+            parser.print_help()
+            return 0
+        parser.print_usage(sys.stderr)
+        print(f"mmret: error: unknown command {argv[0]!r}; expected one of: "
+              f"{', '.join([*LIGHTNING_COMMANDS, *COMMANDS])}", file=sys.stderr)
+        return 2
+    name = argv[0]
+    parser, module = _command_parser(name)
+    args = parser.parse_args(argv[1:])
+    return _report_errors(name, lambda: module.run(args))
+
+
+def _report_errors(name: str, func) -> int:
+    try:
+        result = func()
+    except UsageError as err:
+        print(f"mmret {name}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mmret {name}: interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+def entry_point() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry_point()
