@@ -1,0 +1,344 @@
+"""`RetrievalDataModule`: the streaming LightningDataModule every mmret model trains and evaluates on.
+
+It reads webdataset shards (ours or img2dataset's), mixes several training sources by weight, resamples
+shards per (seed, epoch, rank, worker) so that ranks need no coordination, and gives validation / test
+loaders that see every sample exactly once across ranks. Batches are dicts (see DESIGN.md and
+`mmret.data.samples.collate_samples`): image [B, 3, H, W], text (tokens), sample_id [B], label [B], caption,
+and for eval also captions, metadata, key.
+
+In a config (LightningCLI):
+
+    data:
+      class_path: mmret.data.datamodule.RetrievalDataModule
+      init_args: {dataset: digits, batch_size: 128}
+
+In Python:
+
+    dm = RetrievalDataModule(train=["/data/cc3m", "/data/laion/{00000..00099}.tar"], train_weights=[3, 1])
+    dm.set_preprocess(image_transform, tokenizer)   # the model does this in its setup()
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+
+Resuming: the train loader saves `{"epoch", "batches_seen"}` in Lightning checkpoints and continues a
+mid-epoch resume with a fresh shuffle; outside Lightning call `set_resume_position(epoch, batches_seen)`.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import lightning as L
+
+from mmret.data.loaders import EvalLoader, TrainLoader
+from mmret.data.shard_sources import ShardSource, resolve_sources, total_samples
+from mmret.data.streams import EvalStream, TrainStream
+from mmret.errors import UsageError
+
+SPLITS = ("train", "val", "test")
+DEFAULT_TOKENIZER_MODEL = "ViT-B-32"  # open_clip's bundled BPE vocabulary: works offline
+
+
+def default_image_transform(image_size: int | Sequence[int] | None = None) -> Callable:
+    """PIL RGB image -> normalised tensor [3, H, W]: resize + centre crop to `image_size` (when given),
+    then CLIP's mean / std."""
+    from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    from torchvision import transforms
+
+    steps: list = []
+    if image_size:
+        size = image_size if isinstance(image_size, int) else tuple(image_size)
+        steps += [
+            transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(size),
+        ]
+    steps += [transforms.ToTensor(), transforms.Normalize(OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)]
+    return transforms.Compose(steps)
+
+
+@functools.lru_cache(maxsize=4)
+def default_tokenizer(context_length: int = 77) -> Callable:
+    """open_clip's bundled BPE tokenizer (ViT-B-32 vocabulary): list of B captions -> LongTensor [B, L]."""
+    import open_clip
+
+    return open_clip.get_tokenizer(DEFAULT_TOKENIZER_MODEL, context_length=context_length)
+
+
+class RetrievalDataModule(L.LightningDataModule):
+    """Streams image-caption shards into retrieval batches for training, validation and test.
+
+    Args:
+        dataset: A built-in dataset name (e.g. `digits`, `shapes`): its splits are read from
+            `<data_root>/<name>/{train,val,test}` and built there first (offline, deterministic) when missing.
+        data_root: Where built-in datasets live, relative to the working directory.
+        train: Training shards: a directory, a .tar, a glob, a brace pattern like `/x/{00000..00009}.tar`, or
+            a list of those (each one a source to mix). Overrides the built-in dataset's train split.
+        val: Validation shards, same forms (a list is read as one concatenated set). Overrides the built-in's.
+        test: Test shards, same forms. Overrides the built-in's.
+        train_weights: Relative weight of each train source when mixing, e.g. `[3, 1]`; default: by sample
+            count, as if the sources were one dataset.
+        batch_size: Training batch size per rank.
+        eval_batch_size: Validation / test batch size per rank; default: `batch_size`.
+        num_workers: DataLoader worker processes per loader; decoding, transforms and tokenisation run there.
+        samples_per_epoch: Samples one epoch draws over all ranks; default: the training sources' sizes from
+            `dataset.json` or img2dataset's `*_stats.json`. An epoch is `samples_per_epoch // (batch_size ×
+            world_size)` batches on every rank.
+        seed: Seed of the training stream: shard draws, mixing, shuffling and caption choice derive from
+            (seed, epoch, rank, worker).
+        image_size: Resize + centre-crop size of the default image transform; default: the `image_size` of
+            the data's dataset.json, or no resizing. Ignored once a model sets its own transform.
+        shuffle_buffer: Raw samples each training worker holds to shuffle across shard boundaries.
+        context_length: Token length of the default tokenizer. Ignored once a model sets its own tokenizer.
+    """
+
+    def __init__(
+        self,
+        dataset: str | None = None,
+        data_root: str = "data",
+        train: str | list[str] | None = None,
+        val: str | list[str] | None = None,
+        test: str | list[str] | None = None,
+        train_weights: list[float] | None = None,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        num_workers: int = 2,
+        samples_per_epoch: int | None = None,
+        seed: int = 0,
+        image_size: int | None = None,
+        shuffle_buffer: int = 1000,
+        context_length: int = 77,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        if dataset is None and train is None and val is None and test is None:
+            raise UsageError(
+                "the data module has no data: set `dataset` (a built-in name) or `train`/`val`/`test`"
+            )
+        for name, value, minimum in [
+            ("batch_size", batch_size, 1),
+            ("eval_batch_size", eval_batch_size, 1),
+            ("num_workers", num_workers, 0),
+            ("samples_per_epoch", samples_per_epoch, 1),
+            ("shuffle_buffer", shuffle_buffer, 0),
+            ("context_length", context_length, 1),
+            ("image_size", image_size, 1),
+        ]:
+            if value is not None and value < minimum:
+                raise UsageError(f"data module: {name} is {value}; expected an integer >= {minimum}")
+        num_train_sources = len(train) if isinstance(train, (list, tuple)) else 1
+        if train_weights is not None and len(train_weights) != num_train_sources:
+            raise UsageError(
+                f"data module: train_weights has {len(train_weights)} weight(s) for {num_train_sources} train "
+                "source(s); give one weight per entry of `train`"
+            )
+        self.dataset = dataset
+        self.data_root = data_root
+        self.split_specs: dict[str, str | list[str] | None] = {"train": train, "val": val, "test": test}
+        self.train_weights = train_weights
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.samples_per_epoch = samples_per_epoch
+        self.seed = seed
+        self.image_size = image_size
+        self.shuffle_buffer = shuffle_buffer
+        self.context_length = context_length
+        self.image_transform: Callable | None = None
+        self.eval_image_transform: Callable | None = None
+        self.tokenizer: Callable | None = None
+        self._sources: dict[str, list[ShardSource]] = {}
+        self._loaders: dict[str, list[TrainLoader | EvalLoader]] = {split: [] for split in SPLITS}
+        self._resume: tuple[int, int] | None = None
+
+    # ---- preprocessing -------------------------------------------------------------------------------------
+
+    def set_preprocess(
+        self,
+        image_transform: Callable | None,
+        tokenizer: Callable | None,
+        eval_image_transform: Callable | None = None,
+    ) -> None:
+        """Use the model's preprocessing; call before the dataloaders are built (a model's `setup()` hook).
+
+        Args:
+            image_transform: PIL RGB image -> tensor [3, H, W] for training (may augment); None keeps the
+                default.
+            tokenizer: list of B captions -> LongTensor [B, L] or a dict of [B, L] tensors; None keeps the
+                default.
+            eval_image_transform: The deterministic transform for validation / test (open_clip's
+                `preprocess_val`); None uses `image_transform` there too.
+        """
+        self.image_transform = image_transform
+        self.eval_image_transform = eval_image_transform
+        self.tokenizer = tokenizer
+
+    def _preprocess(self, split: str) -> tuple[Callable, Callable]:
+        image_transform = self.image_transform
+        if split != "train" and self.eval_image_transform is not None:
+            image_transform = self.eval_image_transform
+        if image_transform is None:
+            info = self.dataset_info(split) or {}
+            image_transform = default_image_transform(self.image_size or info.get("image_size"))
+        tokenizer = self.tokenizer or default_tokenizer(self.context_length)
+        return image_transform, tokenizer
+
+    # ---- data sources --------------------------------------------------------------------------------------
+
+    @property
+    def builtin_root(self) -> Path | None:
+        """`<data_root>/<dataset>` for a built-in dataset, else None."""
+        return Path(self.data_root) / self.dataset if self.dataset else None
+
+    def _split_specs(self, split: str) -> list[str] | None:
+        specs = self.split_specs[split]
+        if specs is not None:
+            return [str(spec) for spec in specs] if isinstance(specs, (list, tuple)) else [str(specs)]
+        if self.builtin_root is not None:
+            return [str(self.builtin_root / split)]
+        return None
+
+    def _builtin_missing(self) -> bool:
+        return self.builtin_root is not None and any(
+            self.split_specs[split] is None and not (self.builtin_root / split / "dataset.json").is_file()
+            for split in SPLITS
+        )
+
+    def prepare_data(self) -> None:
+        """Build the built-in dataset when its splits are missing (Lightning runs this once per node)."""
+        if self._builtin_missing():
+            from mmret.data.builtin import build_dataset  # lazy: only needed the first time
+
+            build_dataset(self.dataset, self.builtin_root)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Resolve the shard sources the stage needs (and build a built-in dataset if nobody did yet)."""
+        self.prepare_data()  # a no-op once built; covers use without a Trainer
+        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage or "", SPLITS)
+        for split in splits:
+            self.sources(split)
+
+    def sources(self, split: str) -> list[ShardSource]:
+        """The resolved shard sources of a split (empty when the split has no data)."""
+        if split not in self._sources:
+            self._sources[split] = resolve_sources(self._split_specs(split), role=split)
+        return self._sources[split]
+
+    def dataset_info(self, split: str = "test") -> dict | None:
+        """The `dataset.json` of the split's first source (class names, templates, image size), if any."""
+        sources = self.sources(split)
+        return sources[0].info if sources else None
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        # The trainer knows the process layout; without one (scripts, tests) this is a single process.
+        if self.trainer is None:
+            return 0, 1
+        return int(self.trainer.global_rank), int(self.trainer.world_size)
+
+    def _trainer_epoch(self) -> int | None:
+        return None if self.trainer is None else int(self.trainer.current_epoch)
+
+    # ---- loaders -------------------------------------------------------------------------------------------
+
+    def num_train_batches(self, world_size: int | None = None) -> int:
+        """Batches per rank in one training epoch."""
+        world_size = world_size or self._rank_and_world()[1]
+        sources = self._required_sources("train")
+        samples = self.samples_per_epoch or total_samples(sources)
+        if samples is None:
+            raise UsageError(
+                f"train data {[source.spec for source in sources]}: the number of samples is unknown (no "
+                "dataset.json shard sizes or *_stats.json); set the data module's samples_per_epoch"
+            )
+        batches = samples // (self.batch_size * world_size)
+        if batches < 1:
+            raise UsageError(
+                f"data module: {samples} samples per epoch make no full batch of {self.batch_size} on each of "
+                f"{world_size} rank(s); lower batch_size or raise samples_per_epoch"
+            )
+        return batches
+
+    def _required_sources(self, split: str) -> list[ShardSource]:
+        sources = self.sources(split)
+        if not sources:
+            raise UsageError(f"data module: no {split} data; set `{split}` or a built-in `dataset`")
+        return sources
+
+    def train_dataloader(self) -> TrainLoader:
+        """Resampled, mixed, shuffled training batches; `num_train_batches()` of them per epoch and rank."""
+        sources = self._required_sources("train")
+        rank, world_size = self._rank_and_world()
+        image_transform, tokenizer = self._preprocess("train")
+        stream = TrainStream(
+            sources,
+            batch_size=self.batch_size,
+            batches_per_rank=self.num_train_batches(world_size),
+            image_transform=image_transform,
+            tokenizer=tokenizer,
+            weights=self.train_weights,
+            rank=rank,
+            world_size=world_size,
+            seed=self.seed,
+            shuffle_buffer=self.shuffle_buffer,
+        )
+        # Lightning warns that an IterableDataset's __len__ may be wrong with several workers; ours is exact by
+        # construction (each worker yields its share of batches_per_rank), so that warning is noise here.
+        warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
+        loader = TrainLoader(stream, num_workers=self.num_workers, epoch_fn=self._trainer_epoch)
+        if self._resume is not None:
+            loader.set_resume_position(*self._resume)
+        self._loaders["train"].append(loader)
+        return loader
+
+    def _eval_dataloader(self, split: str) -> EvalLoader | list:
+        sources = self.sources(split)
+        if not sources:
+            return []  # Lightning reads an empty list as "no loader for this stage"
+        rank, world_size = self._rank_and_world()
+        image_transform, tokenizer = self._preprocess(split)
+        stream = EvalStream(
+            sources,
+            batch_size=self.eval_batch_size,
+            image_transform=image_transform,
+            tokenizer=tokenizer,
+            rank=rank,
+            world_size=world_size,
+        )
+        loader = EvalLoader(stream, num_workers=self.num_workers)
+        self._loaders[split].append(loader)
+        return loader
+
+    def val_dataloader(self) -> EvalLoader | list:
+        """Each validation sample exactly once over all ranks and workers, in a stable order."""
+        return self._eval_dataloader("val")
+
+    def test_dataloader(self) -> EvalLoader | list:
+        """Each test sample exactly once over all ranks and workers, in a stable order."""
+        return self._eval_dataloader("test")
+
+    # ---- epoch, resume and accounting ----------------------------------------------------------------------
+
+    def set_resume_position(self, epoch: int, batches_seen: int) -> None:
+        """Continue `epoch` after `batches_seen` batches (per rank): the rest of that epoch is drawn from a
+        fresh shuffle seeded with (seed, epoch, rank, worker, batches_seen), so no sample stream is replayed.
+
+        Lightning does this by itself when it resumes from a mid-epoch checkpoint (the train loader is
+        stateful); call it when driving the loop by hand. Applies to the current and future train loaders.
+        """
+        self._resume = (epoch, batches_seen)
+        for loader in self._loaders["train"]:
+            loader.set_resume_position(epoch, batches_seen)
+
+    def skipped_counts(self, split: str | None = None) -> dict[str, int]:
+        """Samples skipped as broken so far, by reason, summed over the workers of this rank's loaders.
+
+        Args:
+            split: "train", "val" or "test"; None sums all of them.
+        """
+        total: Counter[str] = Counter()
+        for name in SPLITS if split is None else (split,):
+            for loader in self._loaders[name]:
+                total.update(loader.skipped)
+        return dict(sorted(total.items()))
