@@ -1,0 +1,364 @@
+"""Contrastive losses with global negatives (dual encoders) and listwise losses (rerankers).
+
+Dual encoders (`InfoNCELoss`, `SigLIPLoss`) take L2-normalised `[B, D]` image and text embeddings and an
+already exponentiated `logit_scale` (open_clip's convention). Under DDP every rank's embeddings are gathered
+(`mmret.distributed`) so each row is contrasted against `world_size * B` candidates. Both equal open_clip's
+`ClipLoss` / `SigLipLoss` with the same options (forward and gradient, tests/test_losses*.py).
+
+Gradient convention: each rank's loss is a mean over its local rows (InfoNCE) or a sum over pairs divided by
+the local batch size (SigLIP, open_clip's normalisation). The gather's backward sums gradients over ranks and
+DDP averages parameter gradients over ranks, so with `gather_with_grad=True` a 2-rank run with B rows each gives
+exactly the parameter gradient of one process on the concatenated 2B batch (tests/test_losses_ddp.py).
+`gather_with_grad=False` reproduces open_clip's cheaper approximation, which is NOT that gradient: with
+`local_loss=False` the embedding (tower) gradients are the true ones divided by `world_size` while
+logit_scale's is exact; with `local_loss=True` the gradient that flows through other ranks' rows is dropped.
+
+Optional `sample_ids` (`[B]`, e.g. the image id of each caption): two rows with the same id are never each
+other's negatives (several captions of one image in a batch).
+
+Rerankers: `listwise_infonce_loss` / `ListwiseLoss` (several positives per query) and
+`binary_cross_entropy_loss` over a `[Q, C]` score matrix.
+
+    loss = InfoNCELoss()(image_emb, text_emb, logit_scale.exp(), sample_ids=image_ids)
+    loss = ListwiseLoss(temperature=0.05)(scores, positive_mask)
+
+Tests: `.venv/bin/pytest tests/test_losses.py` (single process) and `-m ddp tests/test_losses_ddp.py`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mmret import distributed
+
+
+def _no_autocast(device: torch.device):
+    # Logits reach |scale| ~ 100: computed in half precision they lose ~0.1 absolute, so the loss runs in the
+    # embeddings' own (full) precision even inside an autocast region.
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+def _full_precision(*tensors: Tensor | float) -> list[Tensor | float]:
+    low = (torch.float16, torch.bfloat16)
+    return [t.float() if isinstance(t, Tensor) and t.dtype in low else t for t in tensors]
+
+
+def _same_id_off_positive(row_ids: Tensor, col_ids: Tensor, positive_cols: Tensor) -> Tensor:
+    """Pairs (row, col) that share a sample id but are not the row's own positive: neither positive nor negative.
+
+    Returns:
+        bool `[R, C]`.
+    """
+    same = row_ids[:, None] == col_ids[None, :]  # [R, C]
+    same[torch.arange(len(row_ids), device=same.device), positive_cols] = False
+    return same
+
+
+class InfoNCELoss(nn.Module):
+    """Symmetric InfoNCE (CLIP) loss with negatives gathered from every rank.
+
+    Args:
+        gather: contrast against every rank's embeddings (global batch); False keeps in-rank negatives only.
+        local_loss: score only this rank's rows against all gathered columns (`[B, world*B]` logits, labels
+            offset by `rank * B`); False computes the full `[world*B, world*B]` matrix on every rank.
+        gather_with_grad: gather with an exact gradient (recommended); False gathers constants, open_clip's
+            cheaper approximation (see the module docstring for what it changes).
+    """
+
+    def __init__(self, gather: bool = True, local_loss: bool = True, gather_with_grad: bool = True) -> None:
+        super().__init__()
+        self.gather = gather
+        self.local_loss = local_loss
+        self.gather_with_grad = gather_with_grad
+
+    def _gather(self, tensor: Tensor) -> Tensor:
+        if self.gather_with_grad:
+            return distributed.all_gather_with_grad(tensor)
+        # open_clip puts the local grad-carrying slice back only for the full-matrix form; mirrored for parity.
+        return distributed.all_gather_no_grad(tensor, keep_local_grad=not self.local_loss)
+
+    def forward(
+        self, image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor, sample_ids: Tensor | None = None
+    ) -> Tensor:
+        """Mean over this rank's rows (or all rows) of (CE image->text + CE text->image) / 2.
+
+        Args:
+            image_emb: `[B, D]` normalised image embeddings; row i is paired with text row i.
+            text_emb: `[B, D]` normalised text embeddings.
+            logit_scale: scalar, already exponentiated.
+            sample_ids: optional `[B]` integer ids; rows sharing an id are not each other's negatives.
+
+        Returns:
+            scalar loss.
+        """
+        with _no_autocast(image_emb.device):
+            image_emb, text_emb, logit_scale = _full_precision(image_emb, text_emb, logit_scale)
+            world_size = distributed.get_world_size() if self.gather else 1
+            batch = image_emb.shape[0]
+            if sample_ids is not None:
+                sample_ids = sample_ids.to(image_emb.device)  # NCCL gathers device tensors only
+            if world_size == 1:
+                all_image, all_text, all_ids = image_emb, text_emb, sample_ids
+            else:
+                all_image, all_text = self._gather(image_emb), self._gather(text_emb)  # [N, D], N = world*B
+                all_ids = None if sample_ids is None else distributed.all_gather_no_grad(sample_ids)
+
+            if self.local_loss and world_size > 1:
+                # Scaling the [B, D] rows rather than the [B, N] product saves one logits-sized buffer.
+                logits_per_image = (logit_scale * image_emb) @ all_text.T  # [B, N]
+                logits_per_text = (logit_scale * text_emb) @ all_image.T  # [B, N]
+                labels = torch.arange(batch, device=image_emb.device) + distributed.get_rank() * batch
+                row_ids = sample_ids
+            else:
+                logits_per_image = (logit_scale * all_image) @ all_text.T  # [N, N]
+                logits_per_text = logits_per_image.T
+                labels = torch.arange(all_image.shape[0], device=image_emb.device)
+                row_ids = all_ids
+
+            if sample_ids is not None:
+                masked = _same_id_off_positive(
+                    row_ids, all_ids, labels
+                )  # [rows, N], same for both directions
+                logits_per_image = logits_per_image.masked_fill(masked, float("-inf"))
+                logits_per_text = logits_per_text.masked_fill(masked, float("-inf"))
+
+            return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+class SigLIPLoss(nn.Module):
+    """Pairwise sigmoid (SigLIP) loss with negatives from every rank.
+
+    Sum over (local image, any text) pairs of -log sigmoid(label * logit), label +1 for a row's own text and -1
+    otherwise, divided by the local batch size (open_clip's normalisation).
+
+    Args:
+        gather: use every rank's texts as negatives; False keeps in-rank pairs only.
+        dist_impl: "gather" all-gathers the texts once (`[world*B, D]`, one `[B, world*B]` logits block);
+            "ring" passes text blocks around the ranks with neighbour exchange (open_clip's "shift" scheme),
+            so no step needs every rank's embeddings in one buffer. Under autograd both keep every block alive
+            for the backward, so their peak memory is alike; the ring trades one collective for
+            `world_size - 1` point-to-point steps.
+    """
+
+    def __init__(self, gather: bool = True, dist_impl: Literal["gather", "ring"] = "gather") -> None:
+        super().__init__()
+        if dist_impl not in ("gather", "ring"):
+            raise ValueError(f"SigLIPLoss: dist_impl must be 'gather' or 'ring', got {dist_impl!r}")
+        self.gather = gather
+        self.dist_impl = dist_impl
+
+    @staticmethod
+    def _pair_loss_sum(
+        image_emb: Tensor,
+        text_block: Tensor,
+        logit_scale: Tensor,
+        logit_bias: Tensor,
+        positive_cols: Tensor | None,
+        dropped: Tensor | None,
+    ) -> Tensor:
+        """Sum of -log sigmoid(label * logit) over `[B, C]` pairs; `positive_cols[i]` is row i's positive (or None)."""
+        logits = (logit_scale * image_emb) @ text_block.T + logit_bias  # [B, C]
+        labels = torch.full_like(logits, -1.0)
+        if positive_cols is not None:
+            labels[torch.arange(len(positive_cols), device=logits.device), positive_cols] = 1.0
+        terms = -F.logsigmoid(labels * logits)  # [B, C]
+        if dropped is not None:
+            terms = terms.masked_fill(dropped, 0.0)
+        return terms.sum()
+
+    def forward(
+        self,
+        image_emb: Tensor,
+        text_emb: Tensor,
+        logit_scale: Tensor,
+        logit_bias: Tensor,
+        sample_ids: Tensor | None = None,
+    ) -> Tensor:
+        """Sigmoid loss of this rank's images against every rank's texts.
+
+        Args:
+            image_emb: `[B, D]` normalised image embeddings; row i is paired with text row i.
+            text_emb: `[B, D]` normalised text embeddings.
+            logit_scale: scalar, already exponentiated.
+            logit_bias: scalar bias added to every logit.
+            sample_ids: optional `[B]` integer ids; pairs that share an id (other than a row's own pair) are
+                dropped from the sum.
+
+        Returns:
+            scalar loss.
+        """
+        with _no_autocast(image_emb.device):
+            image_emb, text_emb, logit_scale, logit_bias = _full_precision(
+                image_emb, text_emb, logit_scale, logit_bias
+            )
+            world_size = distributed.get_world_size() if self.gather else 1
+            rank = distributed.get_rank() if world_size > 1 else 0
+            batch = image_emb.shape[0]
+            own_cols = torch.arange(batch, device=image_emb.device)
+            if sample_ids is not None:
+                sample_ids = sample_ids.to(image_emb.device)
+
+            if world_size == 1 or self.dist_impl == "gather":
+                all_text = (
+                    distributed.all_gather_with_grad(text_emb) if world_size > 1 else text_emb
+                )  # [N, D]
+                positive_cols = own_cols + rank * batch
+                dropped = None
+                if sample_ids is not None:
+                    all_ids = distributed.all_gather_no_grad(sample_ids) if world_size > 1 else sample_ids
+                    dropped = _same_id_off_positive(sample_ids, all_ids, positive_cols)  # [B, N]
+                total = self._pair_loss_sum(
+                    image_emb, all_text, logit_scale, logit_bias, positive_cols, dropped
+                )
+                return total / batch
+
+            dropped = None if sample_ids is None else _same_id_off_positive(sample_ids, sample_ids, own_cols)
+            total = self._pair_loss_sum(image_emb, text_emb, logit_scale, logit_bias, own_cols, dropped)
+            right, left = (rank + 1) % world_size, (rank - 1) % world_size
+            text_block, id_block = text_emb, sample_ids
+            for _ in range(world_size - 1):
+                # After step k this rank holds rank (rank - k)'s texts: every pair is negative.
+                text_block = distributed.neighbour_exchange(text_block, send_to=right, recv_from=left)
+                dropped = None
+                if sample_ids is not None:
+                    id_block = distributed.neighbour_exchange(id_block, send_to=right, recv_from=left)
+                    dropped = sample_ids[:, None] == id_block[None, :]  # [B, B]
+                total = total + self._pair_loss_sum(
+                    image_emb, text_block, logit_scale, logit_bias, None, dropped
+                )
+            return total / batch
+
+
+def _masked_value(dtype: torch.dtype) -> float:
+    # The most negative finite value rather than -inf: it vanishes in logsumexp exactly as -inf does, but a
+    # query whose negatives are all masked gets a finite logsumexp and a NaN-free backward.
+    return torch.finfo(dtype).min
+
+
+def _check_listwise_inputs(scores: Tensor, *masks: Tensor | None) -> None:
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be [Q, C], got shape {tuple(scores.shape)}")
+    for mask in masks:
+        if mask is not None and mask.shape != scores.shape:
+            raise ValueError(f"mask shape {tuple(mask.shape)} does not match scores {tuple(scores.shape)}")
+
+
+def listwise_infonce_loss(
+    scores: Tensor,
+    positive_mask: Tensor | None = None,
+    temperature: float = 1.0,
+    candidate_mask: Tensor | None = None,
+    positive_aggregation: Literal["mean", "logsumexp"] = "mean",
+    reduction: Literal["mean", "none"] = "mean",
+) -> Tensor:
+    """Listwise softmax loss over each query's candidates, with one or several positives.
+
+    With one positive per query both aggregations equal `F.cross_entropy(scores / temperature, positive)`.
+    With several positives:
+
+    - "mean" (default): the average over the query's positives p of
+      `-log(exp(s_p) / (exp(s_p) + sum_negatives exp(s_n)))`. Every positive is pushed above every negative
+      on its own, and positives never compete with each other — what precision@k needs when a query has
+      several relevant candidates.
+    - "logsumexp": `-log(sum_positives exp(s_p) / sum_all exp(s_c))`. Satisfied as soon as ONE positive
+      dominates, so the other positives get little gradient (it can lower precision@5).
+
+    Args:
+        scores: `[Q, C]` reranker scores (logits).
+        positive_mask: bool `[Q, C]`; None means column 0 is the single positive (the `[Q, 1+K]` layout).
+        temperature: scores are divided by it.
+        candidate_mask: optional bool `[Q, C]`; False marks padding that is neither positive nor negative.
+        positive_aggregation: "mean" or "logsumexp", see above.
+        reduction: "mean" over queries that have at least one positive, or "none" for `[Q]` per-query losses
+            (0 where a query has no positive).
+
+    Returns:
+        scalar (or `[Q]`) loss.
+    """
+    _check_listwise_inputs(scores, positive_mask, candidate_mask)
+    if positive_aggregation not in ("mean", "logsumexp"):
+        raise ValueError(f"positive_aggregation must be 'mean' or 'logsumexp', got {positive_aggregation!r}")
+    if positive_mask is None:
+        positive_mask = torch.zeros_like(scores, dtype=torch.bool)
+        positive_mask[:, 0] = True
+    valid = torch.ones_like(positive_mask) if candidate_mask is None else candidate_mask.bool()
+    positives = positive_mask.bool() & valid  # [Q, C]
+    negatives = valid & ~positives  # [Q, C]
+    fill = _masked_value(scores.dtype)
+
+    logits = scores / temperature  # [Q, C]
+    num_positives = positives.sum(dim=1)  # [Q]
+    if positive_aggregation == "mean":
+        negative_lse = torch.logsumexp(logits.masked_fill(~negatives, fill), dim=1, keepdim=True)  # [Q, 1]
+        positive_logits = logits.masked_fill(~positives, 0.0)  # [Q, C]; zeros keep the backward finite
+        per_positive = torch.logaddexp(positive_logits, negative_lse) - positive_logits  # [Q, C]
+        per_query = (per_positive * positives).sum(dim=1) / num_positives.clamp(min=1)  # [Q]
+    else:
+        all_lse = torch.logsumexp(logits.masked_fill(~valid, fill), dim=1)  # [Q]
+        positive_lse = torch.logsumexp(logits.masked_fill(~positives, fill), dim=1)  # [Q]
+        per_query = all_lse - positive_lse
+
+    has_positive = num_positives > 0  # [Q]
+    per_query = per_query * has_positive
+    if reduction == "none":
+        return per_query
+    return per_query.sum() / has_positive.sum().clamp(min=1)
+
+
+def binary_cross_entropy_loss(
+    scores: Tensor,
+    positive_mask: Tensor,
+    candidate_mask: Tensor | None = None,
+    pos_weight: float | None = None,
+) -> Tensor:
+    """Pointwise BCE-with-logits over every (query, candidate) pair, averaged over non-padding candidates.
+
+    Args:
+        scores: `[Q, C]` reranker logits.
+        positive_mask: bool `[Q, C]` relevance labels.
+        candidate_mask: optional bool `[Q, C]`; False marks padding, left out of the mean.
+        pos_weight: optional weight of the positive terms (to offset many negatives per positive).
+
+    Returns:
+        scalar loss.
+    """
+    _check_listwise_inputs(scores, positive_mask, candidate_mask)
+    weight = (
+        None if pos_weight is None else torch.as_tensor(pos_weight, dtype=scores.dtype, device=scores.device)
+    )
+    terms = F.binary_cross_entropy_with_logits(
+        scores, positive_mask.to(scores.dtype), pos_weight=weight, reduction="none"
+    )  # [Q, C]
+    if candidate_mask is None:
+        return terms.mean()
+    candidate_mask = candidate_mask.bool()
+    return (terms * candidate_mask).sum() / candidate_mask.sum().clamp(min=1)
+
+
+class ListwiseLoss(nn.Module):
+    """Module form of `listwise_infonce_loss` for reranker configs (arguments as there)."""
+
+    def __init__(
+        self, temperature: float = 1.0, positive_aggregation: Literal["mean", "logsumexp"] = "mean"
+    ) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"ListwiseLoss: temperature must be > 0, got {temperature}")
+        if positive_aggregation not in ("mean", "logsumexp"):
+            raise ValueError(
+                f"ListwiseLoss: positive_aggregation must be 'mean' or 'logsumexp', got {positive_aggregation!r}"
+            )
+        self.temperature = temperature
+        self.positive_aggregation = positive_aggregation
+
+    def forward(
+        self, scores: Tensor, positive_mask: Tensor | None = None, candidate_mask: Tensor | None = None
+    ) -> Tensor:
+        """Scalar listwise loss of `[Q, C]` scores (see `listwise_infonce_loss`)."""
+        return listwise_infonce_loss(
+            scores, positive_mask, self.temperature, candidate_mask, self.positive_aggregation
+        )
