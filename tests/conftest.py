@@ -19,3 +19,13 @@ def pytest_collection_modifyitems(config, items):
         selected = config.getoption("-m") or ""
         if "gpu" in selected and "not gpu" not in selected:
             raise pytest.UsageError("`-m gpu` was asked for but no CUDA device is visible")
+
+
+@pytest.fixture(scope="session")
+def digits_root(tmp_path_factory):
+    """The built-in digits dataset (real scans), built once per test session: ROOT/{train,val,test}."""
+    from mmret.data.builtin import build_dataset
+
+    root = tmp_path_factory.mktemp("builtin") / "digits"
+    build_dataset("digits", root, seed=0, image_size=64, progress=False)
+    return root

@@ -1,0 +1,8 @@
+"""mmret's LightningModules, one per model family; the plain nn.Modules they train live in `mmret.models`.
+
+    from mmret.modules import DualEncoder
+"""
+
+from mmret.modules.dual_encoder import DualEncoder
+
+__all__ = ["DualEncoder"]

@@ -1,0 +1,362 @@
+"""DualEncoder: the CLIP / SigLIP LightningModule that trains and finetunes image-text embedders.
+
+    mmret fit -c experiments/digits_clip.yaml
+
+The network is an open_clip model built by `mmret.models.create_model` (any open_clip name + pretrained tag, a
+local checkpoint, a JSON config or one of our tiny `test-*` configs). The loss is `mmret.losses.InfoNCELoss` or
+`SigLIPLoss` with negatives gathered from every rank, so the effective batch is world_size × batch_size.
+
+Large batches: Lightning's `accumulate_grad_batches` averages per-micro-batch losses, which is wrong for
+contrastive learning (each micro-batch would only see its own negatives), so it is rejected; set
+`gradcache_chunk_size` instead — the full batch's gradient, computed chunk by chunk (`mmret.gradcache`).
+
+Validation embeds every val image and caption once (exact under DDP: gathered and deduplicated by sample id) and
+logs retrieval metrics (`val/image_retrieval_recall@1`, ...) and, where the data has classes, zero-shot accuracy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Literal
+
+import torch
+from lightning.pytorch import LightningModule
+
+from mmret import distributed
+from mmret.errors import UsageError
+from mmret.evaluation.scoring import (
+    build_zeroshot_classifier,
+    dedupe_by_id,
+    retrieval_metrics,
+    zeroshot_metrics,
+)
+from mmret.gradcache import lightning_gradcache_backward
+from mmret.losses import InfoNCELoss, SigLIPLoss
+from mmret.models import (
+    create_model,
+    create_transforms,
+    encode_image,
+    encode_text,
+    get_tokenizer,
+    lock_image_tower,
+    lock_text_tower,
+    param_groups_for_weight_decay,
+    set_grad_checkpointing,
+)
+
+
+def caption_hash(caption: str) -> int:
+    """A stable 63-bit id of a caption string, so identical captions on different ranks become one query."""
+    return int.from_bytes(hashlib.blake2b(caption.encode("utf-8"), digest_size=8).digest(), "little") >> 1
+
+
+def group_text_queries(
+    text_hash: torch.Tensor, text_emb: torch.Tensor, text_image_id: torch.Tensor, text_unseen: torch.Tensor
+) -> tuple[torch.Tensor, list[set[int]], torch.Tensor]:
+    """One query per unique caption string (by hash), relevant to every image it was written for.
+
+    Rows come from every rank in any order and may repeat (padded eval shards); queries are returned sorted by
+    hash so single-process and DDP runs see the same problem.
+
+    Returns:
+        Query embeddings [Q, D], the relevant image ids of each query, and a [Q] bool "unseen" mask.
+    """
+    first_row: dict[int, int] = {}
+    relevant: dict[int, set[int]] = {}
+    for row, (caption, image_id) in enumerate(zip(text_hash.tolist(), text_image_id.tolist())):
+        first_row.setdefault(caption, row)
+        relevant.setdefault(caption, set()).add(image_id)
+    order = sorted(first_row)
+    rows = torch.tensor([first_row[c] for c in order], dtype=torch.long, device=text_emb.device)
+    return text_emb[rows], [relevant[c] for c in order], text_unseen[rows].bool()
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """LR multiplier: linear warmup from ~0 to 1 over `warmup_steps`, then cosine down to `min_ratio` at the end."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class DualEncoder(LightningModule):
+    """Image-text dual encoder trained with gathered in-batch negatives.
+
+    Args:
+        model: open_clip model name (e.g. "ViT-B-32"), an mmret `test-*` config, or a path to a JSON config.
+        pretrained: open_clip pretrained tag (e.g. "openai"; needs internet the first time), a local checkpoint
+            file, or an exported model directory. None: random init.
+        loss: "infonce" (CLIP) or "siglip" (pairwise sigmoid with a learnable bias).
+        gather: Use the embeddings of every rank as negatives (effective batch = world_size × batch_size).
+        local_loss: InfoNCE only: score local rows against all columns (memory O(B × world·B), not O((world·B)²)).
+        lr: Peak learning rate of AdamW.
+        weight_decay: AdamW weight decay; never applied to norms, biases, embeddings and the temperature/bias.
+        betas: AdamW betas.
+        eps: AdamW epsilon.
+        warmup_steps: Linear warmup steps, then cosine decay to `min_lr_ratio × lr` at the last step.
+        min_lr_ratio: Final learning rate as a fraction of `lr`.
+        init_logit_scale: Initial temperature as exp(logit_scale) = this value (None: the model's own, 1/0.07
+            for CLIP, 10 for SigLIP).
+        max_logit_scale: exp(logit_scale) is clamped to [1, this] after every optimizer step.
+        init_logit_bias: SigLIP initial bias (None: the model's own, or -10 when the model has none).
+        lock_image: Freeze the image tower (LiT): its weights leave the optimizer and receive no gradient.
+        lock_image_unlocked_groups: Keep this many last layer groups of a locked image tower trainable.
+        lock_image_freeze_norm_stats: Also freeze BatchNorm running statistics of the locked image tower.
+        lock_text: Freeze the text tower.
+        lock_text_unlocked_layers: Keep this many last layers of a locked text tower trainable.
+        lock_text_freeze_norm_stats: Also freeze norm statistics of the locked text tower.
+        grad_checkpointing: Recompute tower activations in backward to save memory.
+        compile: torch.compile both towers.
+        gradcache_chunk_size: Encode the batch in chunks of this many samples and backpropagate cached embedding
+            gradients (GradCache): the exact full-batch gradient at a fraction of the activation memory. None:
+            one ordinary step.
+        retrieval_ks: K values of Recall@K logged at validation.
+    """
+
+    def __init__(
+        self,
+        model: str = "test-vit-tiny",
+        pretrained: str | None = None,
+        loss: Literal["infonce", "siglip"] = "infonce",
+        gather: bool = True,
+        local_loss: bool = True,
+        lr: float = 5e-4,
+        weight_decay: float = 0.2,
+        betas: tuple[float, float] = (0.9, 0.98),
+        eps: float = 1e-6,
+        warmup_steps: int = 100,
+        min_lr_ratio: float = 0.0,
+        init_logit_scale: float | None = None,
+        max_logit_scale: float = 100.0,
+        init_logit_bias: float | None = None,
+        lock_image: bool = False,
+        lock_image_unlocked_groups: int = 0,
+        lock_image_freeze_norm_stats: bool = True,
+        lock_text: bool = False,
+        lock_text_unlocked_layers: int = 0,
+        lock_text_freeze_norm_stats: bool = True,
+        grad_checkpointing: bool = False,
+        compile: bool = False,
+        gradcache_chunk_size: int | None = None,
+        retrieval_ks: tuple[int, ...] = (1, 5, 10),
+    ) -> None:
+        super().__init__()
+        if loss not in ("infonce", "siglip"):
+            raise UsageError(f"model.loss is {loss!r}; expected 'infonce' or 'siglip'")
+        if gradcache_chunk_size is not None and gradcache_chunk_size < 1:
+            raise UsageError(f"model.gradcache_chunk_size is {gradcache_chunk_size}; expected a positive integer")
+        if max_logit_scale < 1:
+            raise UsageError(f"model.max_logit_scale is {max_logit_scale}; expected a value >= 1")
+        self.save_hyperparameters()
+        overrides = {}
+        if init_logit_scale is not None:
+            overrides["init_logit_scale"] = math.log(init_logit_scale)
+        elif loss == "siglip":
+            overrides["init_logit_scale"] = math.log(10.0)
+        if init_logit_bias is not None:
+            overrides["init_logit_bias"] = init_logit_bias
+        elif loss == "siglip":
+            overrides["init_logit_bias"] = -10.0
+        self.model = create_model(model, pretrained, **overrides)
+        if loss == "siglip" and getattr(self.model, "logit_bias", None) is None:
+            raise UsageError(f"model {model!r} has no logit_bias; SigLIP needs one (set model.init_logit_bias)")
+        if lock_image:
+            lock_image_tower(self.model, lock_image_unlocked_groups, lock_image_freeze_norm_stats)
+        if lock_text:
+            lock_text_tower(self.model, lock_text_unlocked_layers, lock_text_freeze_norm_stats)
+        if grad_checkpointing:
+            set_grad_checkpointing(self.model, True)
+        self.loss_fn = (
+            InfoNCELoss(gather=gather, local_loss=local_loss)
+            if loss == "infonce"
+            else SigLIPLoss(gather=gather)
+        )
+        self.automatic_optimization = gradcache_chunk_size is None
+        self._tokenizer = None
+        self._val_outputs: list[dict[str, torch.Tensor]] = []
+
+    # ---- network -----------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.hparams.compile and not getattr(self, "_compiled", False):
+            self.model.visual.compile()
+            text = getattr(self.model, "text", None) or self.model.transformer
+            text.compile()
+            self._compiled = True
+
+    @property
+    def tokenizer(self):
+        """The model's tokenizer (list[str] -> token tensor or dict), built once."""
+        if self._tokenizer is None:
+            self._tokenizer = get_tokenizer(self.model)
+        return self._tokenizer
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """L2-normalised image embeddings [B, D]."""
+        return encode_image(self.model, images, normalize=True)
+
+    def encode_text(self, text) -> torch.Tensor:
+        """L2-normalised text embeddings [B, D] from tokenizer output."""
+        return encode_text(self.model, text, normalize=True)
+
+    def setup(self, stage: str) -> None:
+        trainer = self.trainer
+        if trainer.accumulate_grad_batches > 1:
+            raise UsageError(
+                f"trainer.accumulate_grad_batches is {trainer.accumulate_grad_batches}: averaging per-micro-batch "
+                "contrastive losses gives each micro-batch only its own negatives (a wrong gradient); set "
+                "model.gradcache_chunk_size to the micro-batch size and data.batch_size to the full batch instead"
+            )
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "set_preprocess"):
+            datamodule.set_preprocess(
+                image_transform=create_transforms(self.model, train=True),
+                tokenizer=self.tokenizer,
+                eval_image_transform=create_transforms(self.model, train=False),
+            )
+
+    # ---- training ----------------------------------------------------------------------------------------
+    def _loss(self, image_emb: torch.Tensor, text_emb: torch.Tensor, sample_id: torch.Tensor) -> torch.Tensor:
+        logit_scale = self.model.logit_scale.exp()
+        if self.hparams.loss == "siglip":
+            return self.loss_fn(image_emb, text_emb, logit_scale, self.model.logit_bias, sample_ids=sample_id)
+        return self.loss_fn(image_emb, text_emb, logit_scale, sample_ids=sample_id)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        images, text, sample_id = batch["image"], batch["text"], batch["sample_id"]
+        if self.automatic_optimization:
+            loss = self._loss(self.encode_image(images), self.encode_text(text), sample_id)
+        else:
+            loss = self._gradcache_step(images, text, sample_id)
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=images.shape[0])
+        self.log("train/logit_scale", self.model.logit_scale.detach().exp(), batch_size=images.shape[0])
+        if self.hparams.loss == "siglip":
+            self.log("train/logit_bias", self.model.logit_bias.detach(), batch_size=images.shape[0])
+        return loss
+
+    def _gradcache_step(self, images: torch.Tensor, text, sample_id: torch.Tensor) -> torch.Tensor:
+        optimizer = self.optimizers()
+        scheduler = self.lr_schedulers()
+        optimizer.zero_grad(set_to_none=True)
+        output = lightning_gradcache_backward(
+            self,
+            self.encode_image,
+            self.encode_text,
+            images,
+            text,
+            lambda image_emb, text_emb: self._loss(image_emb, text_emb, sample_id),
+            chunk_size=self.hparams.gradcache_chunk_size,
+        )
+        loss = output.loss
+        self.clip_gradients(optimizer, self.trainer.gradient_clip_val, self.trainer.gradient_clip_algorithm)
+        optimizer.step()
+        scheduler.step()
+        self._clamp_logit_scale()
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.automatic_optimization:
+            self._clamp_logit_scale()
+
+    @torch.no_grad()
+    def _clamp_logit_scale(self) -> None:
+        self.model.logit_scale.clamp_(0.0, math.log(self.hparams.max_logit_scale))
+
+    def optimizer_param_groups(self) -> list[dict]:
+        """AdamW groups over the trainable parameters: no weight decay on norms, biases, embeddings, temperature."""
+        return param_groups_for_weight_decay(self.model, self.hparams.weight_decay)
+
+    def configure_optimizers(self):
+        groups = self.optimizer_param_groups()
+        optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas),
+                                      eps=self.hparams.eps)
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = min(self.hparams.warmup_steps, total_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, warmup, total_steps, self.hparams.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- checkpoints: RNG state so a resumed run continues the same random stream ------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["mmret"] = {"kind": "dual_encoder", "model": self.hparams.model,
+                               "rng_cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint["mmret"]["rng_cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("mmret", {})
+        if "rng_cpu" in state:
+            torch.set_rng_state(state["rng_cpu"])
+        if "rng_cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+
+    # ---- validation --------------------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._val_outputs = []
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._val_outputs.append(self._embed_eval_batch(batch))
+
+    def _embed_eval_batch(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Embeds a batch's images and every caption of them; keeps ids so results are exact under DDP."""
+        image_emb = self.encode_image(batch["image"])  # [B, D]
+        captions, caption_image_ids, caption_parts = [], [], []
+        for sample_id, image_captions, metadata in zip(
+            batch["sample_id"].tolist(), batch["captions"], batch["metadata"]
+        ):
+            part = metadata.get("part") if isinstance(metadata, dict) else None
+            for caption in image_captions:
+                captions.append(caption)
+                caption_image_ids.append(sample_id)
+                caption_parts.append(1 if part == "unseen" else 0)
+        text_emb = self.encode_text(_to_device(self.tokenizer(captions), self.device))  # [M, D]
+        return {
+            "image_emb": image_emb.float(),
+            "image_id": batch["sample_id"],
+            "label": batch["label"],
+            "text_emb": text_emb.float(),
+            "text_hash": torch.tensor([caption_hash(c) for c in captions], dtype=torch.long, device=self.device),
+            "text_image_id": torch.tensor(caption_image_ids, dtype=torch.long, device=self.device),
+            "text_unseen": torch.tensor(caption_parts, dtype=torch.long, device=self.device),
+        }
+
+    def on_validation_epoch_end(self) -> None:
+        metrics = self.compute_eval_metrics(self._val_outputs)
+        self._val_outputs = []
+        for name, value in metrics.items():
+            self.log(f"val/{name}", value, sync_dist=False, rank_zero_only=False)
+
+    def compute_eval_metrics(self, outputs: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """Gathers the embedded eval set from every rank, dedupes by id, and computes retrieval/zero-shot."""
+        if not outputs:
+            return {}
+        local = {key: torch.cat([o[key] for o in outputs]) for key in outputs[0]}
+        full = {key: distributed.all_gather_variable(value) for key, value in local.items()}
+        image_id, image_emb, label = dedupe_by_id(full["image_id"], full["image_emb"], full["label"])
+        text_emb, relevant, unseen = group_text_queries(
+            full["text_hash"], full["text_emb"], full["text_image_id"], full["text_unseen"]
+        )
+        groups = {"seen": ~unseen, "unseen": unseen} if bool(unseen.any()) else None
+        metrics = retrieval_metrics(
+            image_emb, image_id, text_emb, relevant, ks=tuple(self.hparams.retrieval_ks), text_query_groups=groups
+        )
+        class_names, templates = self._class_names_and_templates()
+        if class_names and bool((label >= 0).any()):
+            classifier = build_zeroshot_classifier(
+                lambda texts: self.encode_text(_to_device(self.tokenizer(texts), self.device)), class_names, templates
+            )
+            keep = label >= 0
+            metrics.update(zeroshot_metrics(image_emb[keep], label[keep], classifier))
+        return metrics
+
+    def _class_names_and_templates(self) -> tuple[list[str] | None, list[str]]:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        info = datamodule.dataset_info("val") if datamodule is not None and hasattr(datamodule, "dataset_info") else {}
+        return info.get("class_names"), info.get("templates") or ["a photo of a {}."]
+
+
+def _to_device(text, device: torch.device):
+    if isinstance(text, dict):
+        return {key: value.to(device) for key, value in text.items()}
+    return text.to(device)

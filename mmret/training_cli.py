@@ -1,0 +1,143 @@
+"""`mmret fit / validate / test`: LightningCLI over mmret's LightningModules and data modules.
+
+    mmret fit -c experiments/digits_clip.yaml
+    mmret fit -c experiments/digits_clip.yaml --trainer.max_epochs 3 --run_dir runs/quick
+    mmret fit --help
+
+Every run lives in one directory (`--run_dir`, default `runs/<experiment>/<timestamp>`) holding the resolved
+`config.yaml`, `run_info.json` (git commit, SLURM job id, command line), `checkpoints/` (`last.ckpt` always, plus
+every `--checkpoint_every_n_steps`), `metrics.csv`, and the W&B files when W&B logging is on. Calling `fit` again
+with the same `--run_dir` resumes from its `last.ckpt` (which is what a requeued SLURM job does).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger
+
+import mmret
+
+RUN_DIR_ENV = "MMRET_RUN_DIR"
+
+
+def git_commit(path: Path | None = None) -> str | None:
+    """The commit of the mmret checkout (with `-dirty` when it has uncommitted changes), or None outside git."""
+    where = str(path or Path(mmret.__file__).resolve().parent)
+    try:
+        commit = subprocess.run(["git", "-C", where, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if commit.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", where, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+        return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+class RunInfo(Callback):
+    """Writes `run_info.json` (commit, SLURM job, host, command, world size) into the run directory on rank 0.
+
+    Each (re)start of the run appends an entry to "starts", so a preempted and requeued job shows its history.
+    """
+
+    def __init__(self, run_dir: str) -> None:
+        self.run_dir = Path(run_dir)
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if not trainer.is_global_zero:
+            return
+        path = self.run_dir / "run_info.json"
+        info = json.loads(path.read_text()) if path.exists() else {"starts": []}
+        info.update(run_dir=str(self.run_dir.resolve()), mmret_version=mmret.__version__)
+        info["starts"].append({
+            "stage": stage,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "git_commit": git_commit(),
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            "slurm_array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID"),
+            "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT"),
+            "host": socket.gethostname(),
+            "world_size": trainer.world_size,
+            "argv": sys.argv,
+        })
+        info["git_commit"] = info["starts"][-1]["git_commit"]
+        info["slurm_job_id"] = info["starts"][-1]["slurm_job_id"]
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(info, indent=2))
+        tmp.replace(path)
+
+
+class MMRetCLI(LightningCLI):
+    """LightningCLI with mmret's run directory, checkpointing and resume conventions."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--run_dir", type=str | None, default=None,
+                            help="Directory of this run (config, checkpoints, metrics, W&B). Default: "
+                                 "runs/<config name>/<timestamp>. An existing run directory is resumed.")
+        parser.add_argument("--checkpoint_every_n_steps", type=int, default=200,
+                            help="Save last.ckpt every N optimizer steps (and always at the end of each epoch).")
+        parser.add_argument("--resume", type=bool, default=True,
+                            help="Resume fit from RUN_DIR/checkpoints/last.ckpt when it exists.")
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand]
+        run_dir = cfg.get("run_dir") or os.environ.get(RUN_DIR_ENV) or self._default_run_dir(cfg)
+        cfg.run_dir = str(run_dir)
+        # Lightning's DDP launcher re-executes this command for the other local ranks: they must agree on it.
+        os.environ[RUN_DIR_ENV] = cfg.run_dir
+        cfg.trainer.default_root_dir = cfg.run_dir
+        last = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+        if self.subcommand == "fit" and cfg.get("resume", True) and cfg.get("ckpt_path") is None and last.is_file():
+            cfg.ckpt_path = str(last)
+            print(f"mmret: resuming from {last}", file=sys.stderr)
+
+    @staticmethod
+    def _default_run_dir(cfg) -> Path:
+        configs = cfg.get("config") or []
+        name = Path(str(configs[-1])).stem if configs else "run"
+        return Path("runs") / name / time.strftime("%Y%m%d-%H%M%S")
+
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        cfg = self.config[self.subcommand]
+        run_dir = cfg.run_dir
+        trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        callbacks = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
+        callbacks.append(RunInfo(run_dir))
+        if self.subcommand == "fit":
+            callbacks.append(ModelCheckpoint(
+                dirpath=os.path.join(run_dir, "checkpoints"),
+                filename="step{step:07d}",
+                auto_insert_metric_name=False,
+                every_n_train_steps=cfg.checkpoint_every_n_steps,
+                save_on_train_epoch_end=True,
+                save_last=True,
+                save_top_k=1,
+            ))
+            callbacks.append(LearningRateMonitor(logging_interval="step"))
+        if trainer_config.get("logger") in (None, True):
+            trainer_config["logger"] = CSVLogger(save_dir=run_dir, name="", version="")
+        return self._instantiate_trainer(trainer_config, callbacks)
+
+
+def run_lightning_cli(argv: list[str]) -> int:
+    """Run `fit|validate|test` with the given argv (without the program name); returns the exit code."""
+    MMRetCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=argv,
+    )
+    return 0
