@@ -17,13 +17,18 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import warnings
 from pathlib import Path
 
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 import mmret
 
@@ -78,6 +83,52 @@ class RunInfo(Callback):
         tmp.replace(path)
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file in its own directory, fsyncs, then renames it into place.
+
+    A run killed at any moment (SIGKILL, preemption, node failure) leaves either the previous checkpoint or the new
+    one, never a truncated file. (Lightning's default stages local files through the system temp directory, and
+    a move across file systems is a copy that can be cut short.)
+    """
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if "://" in str(path):  # remote storage: Lightning's own transactional upload
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(handle, "wb") as file:
+                torch.save(checkpoint, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(tmp_name, path)
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
+
+
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer deletes an existing metrics.csv; a resumed run appends to it instead."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as handle:
+                header = handle.readline().strip()
+            self.metrics_keys = sorted(header.split(",")) if header else []
+
+
+class ResumableCSVLogger(CSVLogger):
+    """CSVLogger whose metrics.csv survives a restart in the same directory (preemption, resume)."""
+
+    @property
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
 class MMRetCLI(LightningCLI):
     """LightningCLI with mmret's run directory, checkpointing and resume conventions."""
 
@@ -97,7 +148,11 @@ class MMRetCLI(LightningCLI):
         # Lightning's DDP launcher re-executes this command for the other local ranks: they must agree on it.
         os.environ[RUN_DIR_ENV] = cfg.run_dir
         cfg.trainer.default_root_dir = cfg.run_dir
-        last = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+        checkpoints = Path(cfg.run_dir) / "checkpoints"
+        if checkpoints.is_dir() and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            for orphan in checkpoints.glob(".*.tmp"):  # a write cut short by a kill
+                orphan.unlink(missing_ok=True)
+        last = checkpoints / "last.ckpt"
         if self.subcommand == "fit" and cfg.get("resume", True) and cfg.get("ckpt_path") is None and last.is_file():
             cfg.ckpt_path = str(last)
             print(f"mmret: resuming from {last}", file=sys.stderr)
@@ -125,13 +180,18 @@ class MMRetCLI(LightningCLI):
                 save_top_k=1,
             ))
             callbacks.append(LearningRateMonitor(logging_interval="step"))
+        plugins = trainer_config.get("plugins") or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(p, TorchCheckpointIO) for p in plugins):
+            trainer_config["plugins"] = [*plugins, AtomicCheckpointIO()]
         if trainer_config.get("logger") in (None, True):
-            trainer_config["logger"] = CSVLogger(save_dir=run_dir, name="", version="")
+            trainer_config["logger"] = ResumableCSVLogger(save_dir=run_dir, name="", version="")
         return self._instantiate_trainer(trainer_config, callbacks)
 
 
 def run_lightning_cli(argv: list[str]) -> int:
     """Run `fit|validate|test` with the given argv (without the program name); returns the exit code."""
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     MMRetCLI(
         LightningModule,
         LightningDataModule,
