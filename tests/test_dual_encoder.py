@@ -168,3 +168,16 @@ def test_fit_on_digits_logs_validation_metrics(tmp_path, digits_root):
         assert key in metrics, sorted(metrics)
         assert 0.0 <= float(metrics[key]) <= 1.0
     assert int(metrics["val/num_images"]) == 200  # every val image exactly once
+
+
+@pytest.mark.slow
+def test_timm_image_tower_with_pretrained_minilm_text_tower_trains_with_locked_text():
+    model = DualEncoder(model="test-timm-minilm", lock_text=True, warmup_steps=1, lr=1e-3)
+    text_before = {k: v.clone() for k, v in model.model.text.state_dict().items()}
+    batch = fixed_batch(model, batch_size=4)
+    assert isinstance(batch["text"], torch.Tensor | dict)
+    trainer = fit_steps(model, [batch])
+    assert trainer.global_step == 1
+    for name, value in model.model.text.state_dict().items():
+        if "proj" not in name:  # the new projection head stays trainable, as in open_clip's LiT
+            assert torch.equal(value, text_before[name]), name
