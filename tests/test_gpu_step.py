@@ -81,3 +81,19 @@ def test_cpu_smoke_runs_both_trainers_and_writes_json(tmp_path):
         assert trainer["samples_per_s"] > 0
     assert results["ratio_ours_over_open_clip"]["step_time_mean"] > 0
     assert "| ours |" in run.stdout and "| open_clip_train |" in run.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(300)
+def test_short_gpu_run_reports_card_memory_and_mfu(tmp_path):
+    output = tmp_path / "gpu_step.json"
+    command = [sys.executable, str(SCRIPT), "--model", "test-vit-tiny", "--batch-size", "64"]
+    command += ["--steps", "5", "--warmup-steps", "3", "--output", str(output)]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=290)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    results = json.loads(output.read_text())
+    assert results["flops_per_step"]["counted_includes_attention"]
+    for name in ("ours", "open_clip_train"):
+        trainer = results["trainers"][name]
+        assert trainer["timed_steps"] == 5 and trainer["peak_memory_bytes"] > 0
+        assert (trainer["mfu"] is None) == (results["peak_tflops"] is None)
