@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "shards": ("mmret.data.shard_writer", "convert image-caption pairs into pre-resized webdataset shards"),
     "datasets": ("mmret.data.builtin", "write a built-in offline dataset (digits, shapes) as shards"),
     "export": ("mmret.checkpoints", "export a trained dual encoder in open_clip's hub layout"),
+    "eval": ("mmret.evaluation.evaluate_cli", "retrieval and zero-shot metrics of a trained model, with pictures"),
     "demo": ("mmret.demo", "run the whole pipeline on the built-in offline data"),
 }
 

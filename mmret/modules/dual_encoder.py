@@ -16,21 +16,20 @@ logs retrieval metrics (`val/image_retrieval_recall@1`, ...) and, where the data
 
 from __future__ import annotations
 
-import hashlib
 import math
 from typing import Literal
 
 import torch
 from lightning.pytorch import LightningModule
 
-from mmret import distributed
 from mmret.errors import UsageError
-from mmret.evaluation.scoring import (
-    build_zeroshot_classifier,
-    dedupe_by_id,
-    retrieval_metrics,
-    zeroshot_metrics,
+from mmret.evaluation.retrieval import (  # noqa: F401  (caption_hash, group_text_queries: re-exported)
+    EvalSetEmbedder,
+    caption_hash,
+    evaluation_metrics,
+    group_text_queries,
 )
+from mmret.evaluation.scoring import build_zeroshot_classifier
 from mmret.gradcache import lightning_gradcache_backward
 from mmret.losses import InfoNCELoss, SigLIPLoss
 from mmret.models import (
@@ -44,32 +43,6 @@ from mmret.models import (
     param_groups_for_weight_decay,
     set_grad_checkpointing,
 )
-
-
-def caption_hash(caption: str) -> int:
-    """A stable 63-bit id of a caption string, so identical captions on different ranks become one query."""
-    return int.from_bytes(hashlib.blake2b(caption.encode("utf-8"), digest_size=8).digest(), "little") >> 1
-
-
-def group_text_queries(
-    text_hash: torch.Tensor, text_emb: torch.Tensor, text_image_id: torch.Tensor, text_unseen: torch.Tensor
-) -> tuple[torch.Tensor, list[set[int]], torch.Tensor]:
-    """One query per unique caption string (by hash), relevant to every image it was written for.
-
-    Rows come from every rank in any order and may repeat (padded eval shards); queries are returned sorted by
-    hash so single-process and DDP runs see the same problem.
-
-    Returns:
-        Query embeddings [Q, D], the relevant image ids of each query, and a [Q] bool "unseen" mask.
-    """
-    first_row: dict[int, int] = {}
-    relevant: dict[int, set[int]] = {}
-    for row, (caption, image_id) in enumerate(zip(text_hash.tolist(), text_image_id.tolist())):
-        first_row.setdefault(caption, row)
-        relevant.setdefault(caption, set()).add(image_id)
-    order = sorted(first_row)
-    rows = torch.tensor([first_row[c] for c in order], dtype=torch.long, device=text_emb.device)
-    return text_emb[rows], [relevant[c] for c in order], text_unseen[rows].bool()
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
@@ -174,7 +147,7 @@ class DualEncoder(LightningModule):
         )
         self.automatic_optimization = gradcache_chunk_size is None
         self._tokenizer = None
-        self._val_outputs: list[dict[str, torch.Tensor]] = []
+        self._val_embedder: EvalSetEmbedder | None = None
 
     # ---- network -----------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -198,6 +171,10 @@ class DualEncoder(LightningModule):
     def encode_text(self, text) -> torch.Tensor:
         """L2-normalised text embeddings [B, D] from tokenizer output."""
         return encode_text(self.model, text, normalize=True)
+
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        """L2-normalised text embeddings [B, D] of caption strings (tokenised here, on the module's device)."""
+        return self.encode_text(_to_device(self.tokenizer(texts), self.device))
 
     def setup(self, stage: str) -> None:
         trainer = self.trainer
@@ -292,63 +269,27 @@ class DualEncoder(LightningModule):
             torch.cuda.set_rng_state_all(state["rng_cuda"])
 
     # ---- validation --------------------------------------------------------------------------------------
+    # The evaluation path of `mmret eval` (mmret.evaluation.retrieval): images embedded per step, unique
+    # captions at the end, gathered from every rank and deduplicated by id, so DDP gives the 1-process result.
     def on_validation_epoch_start(self) -> None:
-        self._val_outputs = []
+        self._val_embedder = EvalSetEmbedder(self.encode_image, self.encode_texts, device=self.device)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._val_outputs.append(self._embed_eval_batch(batch))
-
-    def _embed_eval_batch(self, batch: dict) -> dict[str, torch.Tensor]:
-        """Embeds a batch's images and every caption of them; keeps ids so results are exact under DDP."""
-        image_emb = self.encode_image(batch["image"])  # [B, D]
-        captions, caption_image_ids, caption_parts = [], [], []
-        for sample_id, image_captions, metadata in zip(
-            batch["sample_id"].tolist(), batch["captions"], batch["metadata"]
-        ):
-            part = metadata.get("part") if isinstance(metadata, dict) else None
-            for caption in image_captions:
-                captions.append(caption)
-                caption_image_ids.append(sample_id)
-                caption_parts.append(1 if part == "unseen" else 0)
-        text_emb = self.encode_text(_to_device(self.tokenizer(captions), self.device))  # [M, D]
-        return {
-            "image_emb": image_emb.float(),
-            "image_id": batch["sample_id"],
-            "label": batch["label"],
-            "text_emb": text_emb.float(),
-            "text_hash": torch.tensor([caption_hash(c) for c in captions], dtype=torch.long, device=self.device),
-            "text_image_id": torch.tensor(caption_image_ids, dtype=torch.long, device=self.device),
-            "text_unseen": torch.tensor(caption_parts, dtype=torch.long, device=self.device),
-        }
+        self._val_embedder.add_batch(batch)
 
     def on_validation_epoch_end(self) -> None:
-        metrics = self.compute_eval_metrics(self._val_outputs)
-        self._val_outputs = []
-        for name, value in metrics.items():
-            self.log(f"val/{name}", value, sync_dist=False, rank_zero_only=False)
-
-    def compute_eval_metrics(self, outputs: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-        """Gathers the embedded eval set from every rank, dedupes by id, and computes retrieval/zero-shot."""
-        if not outputs:
-            return {}
-        local = {key: torch.cat([o[key] for o in outputs]) for key in outputs[0]}
-        full = {key: distributed.all_gather_variable(value) for key, value in local.items()}
-        image_id, image_emb, label = dedupe_by_id(full["image_id"], full["image_emb"], full["label"])
-        text_emb, relevant, unseen = group_text_queries(
-            full["text_hash"], full["text_emb"], full["text_image_id"], full["text_unseen"]
-        )
-        groups = {"seen": ~unseen, "unseen": unseen} if bool(unseen.any()) else None
-        metrics = retrieval_metrics(
-            image_emb, image_id, text_emb, relevant, ks=tuple(self.hparams.retrieval_ks), text_query_groups=groups
-        )
+        eval_set = self._val_embedder.finish()  # collective: every rank gets here, with or without batches
+        self._val_embedder = None
+        if eval_set.num_images == 0:
+            return
         class_names, templates = self._class_names_and_templates()
-        if class_names and bool((label >= 0).any()):
-            classifier = build_zeroshot_classifier(
-                lambda texts: self.encode_text(_to_device(self.tokenizer(texts), self.device)), class_names, templates
-            )
-            keep = label >= 0
-            metrics.update(zeroshot_metrics(image_emb[keep], label[keep], classifier))
-        return metrics
+        classifier = None
+        if class_names and bool((eval_set.labels >= 0).any()):
+            with torch.no_grad():
+                classifier = build_zeroshot_classifier(self.encode_texts, class_names, templates)
+        metrics = evaluation_metrics(eval_set, ks=tuple(self.hparams.retrieval_ks), classifier=classifier)
+        for name, value in metrics.items():
+            self.log(f"val/{name}", float(value), sync_dist=False, rank_zero_only=False)
 
     def _class_names_and_templates(self) -> tuple[list[str] | None, list[str]]:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
