@@ -24,8 +24,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "shards": ("mmret.data.shard_writer", "convert image-caption pairs into pre-resized webdataset shards"),
     "datasets": ("mmret.data.builtin", "write a built-in offline dataset (digits, shapes) as shards"),
     "export": ("mmret.checkpoints", "export a trained dual encoder in open_clip's hub layout"),
-    "eval": ("mmret.evaluation.evaluate_cli", "retrieval and zero-shot metrics of a trained model, with pictures"),
+    "mine": ("mmret.mining", "hard negatives per query from a trained dual encoder (for the reranker)"),
+    "eval": (
+        "mmret.evaluation.evaluate_cli",
+        "retrieval and zero-shot metrics of a trained model, with pictures",
+    ),
     "demo": ("mmret.demo", "run the whole pipeline on the built-in offline data"),
+    "sweep": ("mmret.sweep", "expand a sweep (grid x seeds) into a SLURM job array and submit it"),
+    "table": ("mmret.tables", "paper table (markdown / LaTeX) from results files, mean ± std over seeds"),
 }
 
 
@@ -38,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in LIGHTNING_COMMANDS:
-        subparsers.add_parser(name, help=f"LightningCLI {name} over the model and data modules", add_help=False)
+        subparsers.add_parser(
+            name, help=f"LightningCLI {name} over the model and data modules", add_help=False
+        )
     for name, (_, help_text) in COMMANDS.items():
         subparsers.add_parser(name, help=help_text)
     return parser
@@ -64,8 +72,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help()
             return 0
         parser.print_usage(sys.stderr)
-        print(f"mmret: error: unknown command {argv[0]!r}; expected one of: "
-              f"{', '.join([*LIGHTNING_COMMANDS, *COMMANDS])}", file=sys.stderr)
+        print(
+            f"mmret: error: unknown command {argv[0]!r}; expected one of: "
+            f"{', '.join([*LIGHTNING_COMMANDS, *COMMANDS])}",
+            file=sys.stderr,
+        )
         return 2
     name = argv[0]
     parser, module = _command_parser(name)

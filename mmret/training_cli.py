@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -29,10 +30,13 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 import mmret
 
 RUN_DIR_ENV = "MMRET_RUN_DIR"
+# `mmret fit` exits with this code after checkpointing on SIGUSR1; slurm/train.sbatch then requeues the job.
+PREEMPTED_EXIT_CODE = 3
 
 
 def git_commit(path: Path | None = None) -> str | None:
@@ -129,6 +133,44 @@ class ResumableCSVLogger(CSVLogger):
         return self._experiment
 
 
+class PreemptionCheckpoint(Callback):
+    """On SIGUSR1 (SLURM's warning before the time limit or preemption): save last.ckpt at the next batch
+    boundary on every rank, then exit with `PREEMPTED_EXIT_CODE` so the batch script requeues the job.
+
+    Lightning's own SLURM handler saves an `hpc_ckpt` from inside the signal handler, possibly half-way through
+    an optimizer step; waiting for the batch to end keeps the resumed run identical to an uninterrupted one.
+    The ranks agree (any rank signalled -> all stop) through the strategy's boolean reduction.
+    """
+
+    def __init__(self, run_dir: str, signum: int = signal.SIGUSR1) -> None:
+        self.last = Path(run_dir) / "checkpoints" / "last.ckpt"
+        self.signum = signum
+        self.requested = False
+        self._previous = None
+
+    def _request(self, signum, frame) -> None:
+        self.requested = True
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._previous = signal.signal(self.signum, self._request)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
+            return
+        trainer.save_checkpoint(self.last)
+        if trainer.is_global_zero:
+            print(f"mmret: preempted at step {trainer.global_step}; saved {self.last}", file=sys.stderr, flush=True)
+        for logger in trainer.loggers:
+            logger.finalize("preempted")
+        trainer.strategy.barrier("mmret-preempted")
+        raise SystemExit(PREEMPTED_EXIT_CODE)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._previous is not None:
+            signal.signal(self.signum, self._previous)
+            self._previous = None
+
+
 class MMRetCLI(LightningCLI):
     """LightningCLI with mmret's run directory, checkpointing and resume conventions."""
 
@@ -140,6 +182,13 @@ class MMRetCLI(LightningCLI):
                             help="Save last.ckpt every N optimizer steps (and always at the end of each epoch).")
         parser.add_argument("--resume", type=bool, default=True,
                             help="Resume fit from RUN_DIR/checkpoints/last.ckpt when it exists.")
+        parser.add_argument("--wandb_project", type=str | None, default=None,
+                            help="Log to this W&B project as well (offline unless logged in; WANDB_MODE wins). "
+                                 "The run id is kept in RUN_DIR/wandb_run.json, so a resumed run continues it.")
+        parser.add_argument("--wandb_group", type=str | None, default=None, help="W&B group (a sweep's name).")
+        parser.add_argument("--wandb_tags", type=list[str], default=[], help="W&B tags (a sweep point's values).")
+        parser.add_argument("--wandb_name", type=str | None, default=None,
+                            help="W&B display name (default: the run directory's name).")
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand]
@@ -180,13 +229,31 @@ class MMRetCLI(LightningCLI):
                 save_top_k=1,
             ))
             callbacks.append(LearningRateMonitor(logging_interval="step"))
+            callbacks.append(PreemptionCheckpoint(run_dir))
         plugins = trainer_config.get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, TorchCheckpointIO) for p in plugins):
-            trainer_config["plugins"] = [*plugins, AtomicCheckpointIO()]
+            plugins = [*plugins, AtomicCheckpointIO()]
+        if SLURMEnvironment.detect() and not any(isinstance(p, SLURMEnvironment) for p in plugins):
+            # Ranks and master address from the allocation; SIGUSR1 is PreemptionCheckpoint's, not Lightning's.
+            plugins = [*plugins, SLURMEnvironment(auto_requeue=False)]
+        trainer_config["plugins"] = plugins
         if trainer_config.get("logger") in (None, True):
-            trainer_config["logger"] = ResumableCSVLogger(save_dir=run_dir, name="", version="")
+            loggers = [ResumableCSVLogger(save_dir=run_dir, name="", version="")]
+            if cfg.get("wandb_project"):
+                from mmret.tracking import DatasetInfoToWandb, build_wandb_logger
+
+                loggers.append(build_wandb_logger(
+                    run_dir, cfg.wandb_project, _plain_config(cfg), name=cfg.get("wandb_name"),
+                    group=cfg.get("wandb_group"), tags=cfg.get("wandb_tags")))
+                callbacks.append(DatasetInfoToWandb())
+            trainer_config["logger"] = loggers
         return self._instantiate_trainer(trainer_config, callbacks)
+
+
+def _plain_config(cfg) -> dict:
+    """The resolved LightningCLI config as plain JSON types (for the W&B run config)."""
+    return json.loads(json.dumps(cfg.as_dict(), default=str))
 
 
 def run_lightning_cli(argv: list[str]) -> int:

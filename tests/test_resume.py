@@ -1,6 +1,6 @@
 """Kill a `mmret fit` run with SIGKILL mid-epoch, resume it from last.ckpt, and compare with an uninterrupted run.
 
-    .venv/bin/pytest tests/test_resume.py -q
+.venv/bin/pytest tests/test_resume.py -q
 """
 
 from __future__ import annotations
@@ -27,13 +27,36 @@ LR, WARMUP = 1e-3, 4
 
 def fit_command(run_dir: Path, data_root: Path) -> list[str]:
     return [
-        sys.executable, "-m", "mmret.cli", "fit", "-c", str(REPO / "experiments" / "digits_clip.yaml"),
-        "--model.init_args.model", "test-vit-micro", "--model.init_args.lr", str(LR),
-        "--model.init_args.warmup_steps", str(WARMUP), "--data.init_args.data_root", str(data_root),
-        "--data.init_args.batch_size", "32", "--data.init_args.samples_per_epoch", "256",
-        "--data.init_args.num_workers", "0", "--trainer.max_epochs", str(EPOCHS),
-        "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1",
-        "--checkpoint_every_n_steps", "2", "--run_dir", str(run_dir),
+        sys.executable,
+        "-m",
+        "mmret.cli",
+        "fit",
+        "-c",
+        str(REPO / "experiments" / "digits_clip.yaml"),
+        "--model.init_args.model",
+        "test-vit-micro",
+        "--model.init_args.lr",
+        str(LR),
+        "--model.init_args.warmup_steps",
+        str(WARMUP),
+        "--data.init_args.data_root",
+        str(data_root),
+        "--data.init_args.batch_size",
+        "32",
+        "--data.init_args.samples_per_epoch",
+        "256",
+        "--data.init_args.num_workers",
+        "0",
+        "--trainer.max_epochs",
+        str(EPOCHS),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--checkpoint_every_n_steps",
+        "2",
+        "--run_dir",
+        str(run_dir),
     ]
 
 
@@ -56,8 +79,13 @@ def final_val(run_dir: Path) -> dict[str, float]:
 def test_sigkill_then_resume_continues_step_lr_and_loss(tmp_path, digits_root):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     interrupted = tmp_path / "interrupted"
-    process = subprocess.Popen(fit_command(interrupted, digits_root.parent), cwd=tmp_path, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        fit_command(interrupted, digits_root.parent),
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.time() + 300
     while time.time() < deadline and process.poll() is None:
         if any(step >= 12 for step in checkpoint_steps(interrupted)):  # mid-way through epoch 2
@@ -76,8 +104,14 @@ def test_sigkill_then_resume_continues_step_lr_and_loss(tmp_path, digits_root):
     for name in files:
         torch.load(interrupted / "checkpoints" / name, weights_only=False)
 
-    resumed = subprocess.run(fit_command(interrupted, digits_root.parent), cwd=tmp_path, env=env,
-                             capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        fit_command(interrupted, digits_root.parent),
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stderr
     assert not [f for f in os.listdir(interrupted / "checkpoints") if f.endswith(".tmp")]
@@ -99,8 +133,14 @@ def test_sigkill_then_resume_continues_step_lr_and_loss(tmp_path, digits_root):
 
     # An uninterrupted run ends at the same quality (different shuffle after the resume point: within noise).
     straight = tmp_path / "straight"
-    done = subprocess.run(fit_command(straight, digits_root.parent), cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        fit_command(straight, digits_root.parent),
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     ours, theirs = final_val(interrupted), final_val(straight)
     for key in ("val/image_retrieval_recall@5", "val/acc1"):

@@ -1,0 +1,253 @@
+"""Expand a sweep (a base experiment x a grid x seeds) into one SLURM job array and submit it (`mmret sweep`).
+
+    mmret sweep experiments/sweeps/digits_loss_batch.yaml --dry-run    # print the sbatch command and the points
+    mmret sweep experiments/sweeps/digits_loss_batch.yaml              # write the run directories, submit
+
+A sweep file:
+
+    name: digits_loss_batch                      # W&B group and directory name
+    experiment: experiments/digits_clip.yaml     # the base LightningCLI config
+    overrides: {trainer.max_epochs: 5}           # the same for every point (optional)
+    grid:                                        # every combination is a point
+      model.init_args.loss: [infonce, siglip]
+      data.init_args.batch_size: [32, 128]
+    seeds: [0, 1]                                # each point once per seed (seed_everything)
+    max_parallel: 4                              # the array's `%` limit
+    runs_root: runs/sweeps                       # run dirs: RUNS_ROOT/NAME/<loss=infonce,batch_size=32>/seed0
+    wandb_project: mmret                         # optional: one W&B run per point, grouped by NAME
+    eval: {data: data/digits, split: test}       # optional: `mmret eval` each point into RUN_DIR/results.json
+    sbatch: [--time=02:00:00, --gpus-per-node=1] # optional: extra sbatch options (resources, partition)
+
+Each point gets its run directory up front with `sweep_args` (the `mmret fit` arguments, NUL-separated);
+`RUNS_ROOT/NAME/run_dirs.txt` lists the directories in array-index order, which is all slurm/train.sbatch
+needs to find its point (`--sweep RUN_DIRS`). A point is tagged in W&B with its varied values (`loss=infonce`).
+Submitting the same sweep again submits it again: finished points are no-ops (their `last.ckpt` is at the end),
+interrupted ones resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from mmret.errors import UsageError
+
+SBATCH_SCRIPT = Path(__file__).resolve().parents[1] / "slurm" / "train.sbatch"
+_KEYS = {
+    "name",
+    "experiment",
+    "overrides",
+    "grid",
+    "seeds",
+    "seed_key",
+    "max_parallel",
+    "runs_root",
+    "wandb_project",
+    "eval",
+    "sbatch",
+}
+
+
+@dataclass
+class Point:
+    """One run of the sweep: its varied values, seed and run directory."""
+
+    values: dict[str, object]
+    seed: int | None
+    run_dir: Path
+    args: list[str]
+
+    @property
+    def label_without_seed(self) -> str:
+        """`loss=infonce,batch_size=32`: the last component of each varied key and its value."""
+        return ",".join(f"{key.rsplit('.', 1)[-1]}={_text(value)}" for key, value in self.values.items())
+
+    @property
+    def label(self) -> str:
+        seed = f"seed{self.seed}" if self.seed is not None else ""
+        return ",".join(x for x in (self.label_without_seed, seed) if x)
+
+    @property
+    def tags(self) -> list[str]:
+        return [f"{key.rsplit('.', 1)[-1]}={_text(value)}" for key, value in self.values.items()] + (
+            [f"seed={self.seed}"] if self.seed is not None else []
+        )
+
+
+@dataclass
+class Sweep:
+    """A parsed sweep file."""
+
+    name: str
+    experiment: Path
+    grid: dict[str, list]
+    overrides: dict[str, object] = field(default_factory=dict)
+    seeds: list[int | None] = field(default_factory=lambda: [None])
+    seed_key: str = "seed_everything"
+    max_parallel: int = 4
+    runs_root: Path = Path("runs/sweeps")
+    wandb_project: str | None = None
+    eval: dict | None = None
+    sbatch: list[str] = field(default_factory=list)
+
+    @property
+    def directory(self) -> Path:
+        return self.runs_root / self.name
+
+    def points(self) -> list[Point]:
+        """Every grid combination x seed, in a fixed order (the array index)."""
+        keys = list(self.grid)
+        points = []
+        for combo in itertools.product(*(self.grid[key] for key in keys)):
+            values = dict(zip(keys, combo))
+            for seed in self.seeds:
+                run_dir = self.directory / (
+                    ",".join(f"{k.rsplit('.', 1)[-1]}={_text(v)}" for k, v in values.items()) or "base"
+                )
+                run_dir = run_dir / f"seed{seed}" if seed is not None else run_dir
+                point = Point(values=values, seed=seed, run_dir=run_dir, args=[])
+                point.args = self._fit_args(point)
+                points.append(point)
+        return points
+
+    def _fit_args(self, point: Point) -> list[str]:
+        args = ["-c", str(self.experiment)]
+        for key, value in {**self.overrides, **point.values}.items():
+            args += [f"--{key}", _text(value)]
+        if point.seed is not None:
+            args += [f"--{self.seed_key}", str(point.seed)]
+        args += ["--run_dir", str(point.run_dir)]
+        if self.wandb_project:
+            args += [
+                "--wandb_project",
+                self.wandb_project,
+                "--wandb_group",
+                self.name,
+                "--wandb_name",
+                f"{self.name}/{point.label}",
+                "--wandb_tags",
+                _text(point.tags),
+            ]
+        return args
+
+    def sbatch_command(self, script: Path = SBATCH_SCRIPT) -> list[str]:
+        count = len(self.points())
+        command = [
+            "sbatch",
+            f"--array=0-{count - 1}%{self.max_parallel}",
+            f"--job-name={self.name}",
+            f"--output={self.directory}/slurm-%A_%a.out",
+        ]
+        if self.eval:
+            export = (
+                f"ALL,MMRET_EVAL_DATA={self.eval['data']},MMRET_EVAL_SPLIT={self.eval.get('split', 'test')}"
+            )
+            command.append(f"--export={export}")
+        return [*command, *self.sbatch, str(script), "--sweep", str(self.directory / "run_dirs.txt")]
+
+
+def _text(value) -> str:
+    """A value as LightningCLI reads it on the command line (lists and mappings as YAML flow)."""
+    if isinstance(value, str):
+        return value
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("\n...")
+
+
+def load_sweep(path: Path) -> Sweep:
+    """Reads and checks a sweep file (see the module docstring)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"sweep file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UsageError(f"sweep file {path} is not valid YAML: {err}".replace("\n", " ")) from err
+    if not isinstance(raw, dict):
+        raise UsageError(f"sweep file {path} must be a mapping with `name`, `experiment` and `grid`")
+    unknown = set(raw) - _KEYS
+    if unknown:
+        raise UsageError(
+            f"sweep file {path}: unknown keys {sorted(unknown)}; expected some of {sorted(_KEYS)}"
+        )
+    for key in ("name", "experiment", "grid"):
+        if key not in raw:
+            raise UsageError(f"sweep file {path} needs `{key}`")
+    grid = raw["grid"]
+    if not isinstance(grid, dict) or not grid or not all(isinstance(v, list) and v for v in grid.values()):
+        raise UsageError(f"sweep file {path}: `grid` must map each config key to a non-empty list of values")
+    experiment = Path(raw["experiment"])
+    if not experiment.is_file():
+        raise UsageError(f"sweep file {path}: experiment {experiment} does not exist")
+    seeds = raw.get("seeds", [None])
+    if not isinstance(seeds, list) or not seeds:
+        raise UsageError(f"sweep file {path}: `seeds` must be a non-empty list of integers")
+    max_parallel = int(raw.get("max_parallel", 4))
+    if max_parallel < 1:
+        raise UsageError(f"sweep file {path}: `max_parallel` must be at least 1, got {max_parallel}")
+    if raw.get("eval") is not None and "data" not in raw["eval"]:
+        raise UsageError(f"sweep file {path}: `eval` needs `data` (a dataset root or shard directory)")
+    return Sweep(
+        name=str(raw["name"]),
+        experiment=experiment,
+        grid=grid,
+        overrides=raw.get("overrides") or {},
+        seeds=seeds,
+        seed_key=raw.get("seed_key", "seed_everything"),
+        max_parallel=max_parallel,
+        runs_root=Path(raw.get("runs_root", "runs/sweeps")),
+        wandb_project=raw.get("wandb_project"),
+        eval=raw.get("eval"),
+        sbatch=[str(x) for x in raw.get("sbatch") or []],
+    )
+
+
+def write_point_files(sweep: Sweep) -> Path:
+    """Creates each point's run directory with its `sweep_args`, and the array-ordered `run_dirs.txt`."""
+    points = sweep.points()
+    for point in points:
+        point.run_dir.mkdir(parents=True, exist_ok=True)
+        (point.run_dir / "sweep_args").write_bytes(b"".join(arg.encode() + b"\0" for arg in point.args))
+    listing = sweep.directory / "run_dirs.txt"
+    tmp = listing.with_name(".run_dirs.txt.tmp")
+    tmp.write_text("".join(f"{point.run_dir}\n" for point in points))
+    tmp.replace(listing)
+    return listing
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("sweep", help="a sweep file, e.g. experiments/sweeps/digits_loss_batch.yaml")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the sbatch command and the points; write and submit nothing",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    sweep = load_sweep(Path(args.sweep))
+    points = sweep.points()
+    command = sweep.sbatch_command()
+    print(f"# sweep {sweep.name}: {len(points)} points, at most {sweep.max_parallel} at a time")
+    for index, point in enumerate(points):
+        print(f"[{index}] {point.label}  ->  {point.run_dir}")
+        print(f"    mmret fit {shlex.join(point.args)}")
+    print(shlex.join(command))
+    if args.dry_run:
+        return 0
+    write_point_files(sweep)
+    try:
+        submitted = subprocess.run(command, capture_output=True, text=True)
+    except FileNotFoundError as err:
+        raise UsageError("sbatch was not found; submit from a SLURM login node (or use --dry-run)") from err
+    if submitted.returncode != 0:
+        raise UsageError(f"sbatch failed: {submitted.stderr.strip().splitlines()[-1:]}")
+    print(submitted.stdout.strip())
+    sys.stdout.flush()
+    return 0
