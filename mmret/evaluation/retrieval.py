@@ -316,7 +316,7 @@ class TopKCandidates:
 
 
 def top_k_candidates(
-    query_emb: Tensor, candidate_emb: Tensor, k: int, chunk_size: int = 4096
+    query_emb: Tensor, candidate_emb: Tensor, k: int, chunk_size: int = 4096, index: str = "dense"
 ) -> TopKCandidates:
     """Each query's `k` highest-scoring candidates by cosine similarity, chunk by chunk over queries.
 
@@ -325,7 +325,18 @@ def top_k_candidates(
         candidate_emb: [C, D] candidate embeddings.
         k: candidates kept per query (at most C).
         chunk_size: queries scored at once.
+        index: "dense" (exact, chunked matmul), "faiss" (exact FAISS flat index) or "faiss-ivf" (approximate
+            FAISS inverted-file index for corpora of millions; needs `pip install faiss-cpu`).
     """
+    if index in ("faiss", "faiss-ivf"):
+        from mmret.evaluation.faiss_index import faiss_top_k
+
+        top_indices, top_scores = faiss_top_k(
+            query_emb, candidate_emb, k, kind="ivf" if index == "faiss-ivf" else "flat"
+        )
+        return TopKCandidates(top_indices, top_scores, num_candidates=int(candidate_emb.shape[0]))
+    if index != "dense":
+        raise ValueError(f"unknown index {index!r}; expected 'dense', 'faiss' or 'faiss-ivf'")
     query_emb = F.normalize(query_emb.float(), dim=-1)
     candidate_t = F.normalize(candidate_emb.float(), dim=-1).t()  # [D, C]
     k = min(k, candidate_emb.shape[0])
