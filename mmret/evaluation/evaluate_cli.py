@@ -20,9 +20,10 @@ name and renamed, so none is ever half-written):
                            their top-ranked images, relevant ones framed in green
     results_recall.png     Recall@K for K = 1..50 in both directions
 
-The JSON is written last, so its presence means the run completed. A second stage (reranker) plugs in after
-`evaluation_metrics`: rescore `top_k_candidates(...)` and score with `candidate_score_fn`, then write its numbers
-as "reranked_metrics" with "top_k": K.
+The JSON is written last, so its presence means the run completed. With `--reranker CKPT --top-k K` (a
+cross-encoder) each query's first-stage top-K is rescored (`mmret.evaluation.rerank`), optionally fused with the
+first-stage score (`--fusion W`); the JSON then also holds "reranked_metrics", "top_k": K and
+"first_stage_ceiling" (the first stage's recall@K: what no reranker of those lists can exceed).
 """
 
 from __future__ import annotations
@@ -71,6 +72,19 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-workers", type=int, default=1, help="data loader worker processes")
     parser.add_argument("--num-examples", type=int, default=6, help="text queries shown in the examples PNG")
     parser.add_argument("--examples-top-k", type=int, default=8, help="images shown per example query")
+    parser.add_argument(
+        "--reranker",
+        default=None,
+        help="a cross-encoder .ckpt (`mmret fit` with mmret.modules.CrossEncoder): rescore each "
+        "query's top-K and add reranked_metrics and the first-stage recall@K ceiling",
+    )
+    parser.add_argument("--top-k", type=int, default=20, help="candidates per query the reranker rescores")
+    parser.add_argument(
+        "--fusion",
+        type=float,
+        default=0.0,
+        help="weight in [0, 1] of the first-stage score fused with the reranker's (default 0)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -112,11 +126,15 @@ def run(args: argparse.Namespace) -> int:
         with torch.no_grad():
             classifier = build_zeroshot_classifier(module.encode_texts, class_names, templates)
     metrics = evaluation_metrics(eval_set, classifier=classifier)
-    # A second stage (the reranker issue) slots in here: rescore `top_k_candidates(...)` with it, score the
-    # lists with `candidate_score_fn`, and pass its numbers as `reranked_metrics` with `top_k`.
+    reranked, ceiling, top_k = rerank(args, data, eval_set, device)
     results = results_document(
-        task, args, data_path, eval_set, metrics, skipped, device, templates if task == "zeroshot" else None
-    )
+        task, args, data_path, eval_set, metrics, skipped, device, templates if task == "zeroshot" else None,
+        reranked_metrics=reranked, top_k=top_k,
+    )  # fmt: skip
+    if reranked is not None:
+        results["first_stage_ceiling"] = ceiling
+        results["config"]["reranker"] = checkpoint_hyperparameters(args.reranker)
+        results["config"]["eval"].update(reranker=str(args.reranker), top_k=top_k, fusion=args.fusion)
     stem = output.with_suffix("") if output.suffix == ".json" else output
     pictures = write_pictures(eval_set, sources, keys, stem, args, title=f"{args.model} on {data_path}")
     results["pictures"] = [str(path) for path in pictures]
@@ -124,9 +142,30 @@ def run(args: argparse.Namespace) -> int:
 
     shown = [key for key in ("image_retrieval_recall@1", "text_retrieval_recall@1", "acc1") if key in metrics]
     summary = ", ".join(f"{key}={metrics[key]:.4f}" for key in shown)
+    if reranked is not None:
+        summary += (
+            f"; reranked top-{top_k}: image_retrieval_recall@1={reranked['image_retrieval_recall@1']:.4f}"
+            f" (ceiling {ceiling[f'image_retrieval_recall@{top_k}']:.4f})"
+        )
     print(f"{task}: {eval_set.num_images} images, {eval_set.num_texts} texts: {summary}")
     print(f"wrote {output}, {', '.join(str(path) for path in pictures)}")
     return 0
+
+
+def rerank(args: argparse.Namespace, data, eval_set, device: torch.device):
+    """With `--reranker`: (reranked metrics, first-stage recall@K ceiling, K); else (None, None, None)."""
+    if getattr(args, "reranker", None) is None:
+        return None, None, None
+    from mmret.checkpoints import load_cross_encoder
+    from mmret.evaluation.rerank import PairScorer, two_stage_metrics
+
+    reranker = load_cross_encoder(args.reranker, device)  # UsageError for anything but a reranker checkpoint
+    scorer = PairScorer.from_data(reranker, data, eval_set, device, args.batch_size)
+    top_k = min(args.top_k, eval_set.num_images)
+    reranked, ceiling = two_stage_metrics(
+        eval_set, scorer, top_k, fusion_weight=args.fusion, pair_batch_size=4 * args.batch_size, progress=True
+    )
+    return reranked, ceiling, top_k
 
 
 def embed_data(module, data, device: torch.device, batch_size: int, description: str):
@@ -227,6 +266,12 @@ def check_numbers(args: argparse.Namespace) -> None:
     for name in ("batch_size", "num_examples", "examples_top_k"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} is {getattr(args, name)}; expected an integer >= 1")
+    if getattr(args, "top_k", 1) < 1:
+        raise UsageError(f"--top-k is {args.top_k}; expected an integer >= 1")
+    if not 0.0 <= getattr(args, "fusion", 0.0) <= 1.0:
+        raise UsageError(f"--fusion is {args.fusion}; expected a weight in [0, 1]")
+    if getattr(args, "reranker", None) is not None and not Path(args.reranker).is_file():
+        raise UsageError(f"--reranker {args.reranker} does not exist; expected a cross-encoder .ckpt")
     if args.num_workers < 0:
         raise UsageError(f"--num-workers is {args.num_workers}; expected an integer >= 0")
 

@@ -1,0 +1,183 @@
+"""Retrieve-then-rerank evaluation: the dual encoder's top-K per query, rescored by a cross-encoder.
+
+    mmret eval --model dual.ckpt --reranker reranker.ckpt --top-k 20 --data data/shapes --output r.json
+
+    scorer = PairScorer.from_data(reranker, data, eval_set, device)     # tower outputs cached once
+    reranked, ceiling = two_stage_metrics(eval_set, scorer, top_k=20)
+    -> {"image_retrieval_recall@1": ..., "unseen/image_retrieval_ndcg@10": ...},
+       {"image_retrieval_recall@20": ..., "unseen/image_retrieval_recall@20": ...}
+
+Both directions are reranked: caption queries over their top-K images (`image_retrieval_*`) and image queries
+over their top-K captions (`text_retrieval_*`). Candidates outside a query's list rank after the listed ones
+(`candidate_score_fn`), so the reranked metrics use the definitions of the first stage, and no reranker can
+beat the first stage's recall@K over the same lists: that number is reported beside them as the ceiling.
+`fusion_weight` w > 0 mixes the first-stage score in: (1 − w)·z(reranker) + w·z(first stage), each
+standardised over the query's list (the two scores live on different scales).
+
+The reranker's tower outputs are computed once per image and once per caption (`PairScorer`), so rescoring
+costs only the fusion layers for each of the Q × K pairs; they are held in memory ([N, P, W] patch tokens).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from mmret.evaluation.metrics import per_query_metrics
+from mmret.evaluation.retrieval import (
+    DEFAULT_KS,
+    EmbeddedEvalSet,
+    TopKCandidates,
+    candidate_score_fn,
+    top_k_candidates,
+)
+from mmret.evaluation.scoring import IMAGE_RETRIEVAL, TEXT_RETRIEVAL, _direction_summary
+
+# (text query indices [n], image indices [n]) -> relevance scores [n] of those n pairs.
+PairScoreFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def rerank_candidates(
+    candidates: TopKCandidates,
+    score_pairs: PairScoreFn,
+    pair_batch_size: int = 512,
+    progress: str | None = None,
+) -> Tensor:
+    """New scores [Q, K] of every listed candidate: `score_pairs(query_index, candidate_index)` in batches."""
+    queries = torch.arange(candidates.indices.shape[0]).repeat_interleave(candidates.indices.shape[1])
+    flat = candidates.indices.flatten().cpu()  # [Q*K]
+    scores = []
+    starts = range(0, flat.numel(), pair_batch_size)
+    for start in tqdm(starts, desc=progress, unit="batch", file=sys.stderr, disable=None if progress else True,
+                      leave=False):  # fmt: skip
+        end = start + pair_batch_size
+        scores.append(score_pairs(queries[start:end], flat[start:end]).float().cpu())
+    if not scores:
+        return torch.zeros(candidates.indices.shape)
+    return torch.cat(scores).view(candidates.indices.shape)
+
+
+def fuse_scores(first_stage: Tensor, reranker: Tensor, weight: float) -> Tensor:
+    """(1 − weight)·z(reranker) + weight·z(first_stage), z standardising each query's list [Q, K]."""
+    if weight == 0:
+        return reranker
+
+    def standardise(scores: Tensor) -> Tensor:
+        return (scores - scores.mean(dim=1, keepdim=True)) / scores.std(dim=1, keepdim=True).clamp(min=1e-6)
+
+    return (1 - weight) * standardise(reranker.float()) + weight * standardise(first_stage.float())
+
+
+def two_stage_metrics(
+    eval_set: EmbeddedEvalSet,
+    score_pairs: PairScoreFn,
+    top_k: int,
+    ks: Sequence[int] = DEFAULT_KS,
+    ranking_k: int = 10,
+    fusion_weight: float = 0.0,
+    pair_batch_size: int = 512,
+    progress: bool = False,
+) -> tuple[dict[str, float | int], dict[str, float]]:
+    """Metrics of retrieve-then-rerank, and the first stage's recall@top_k (their ceiling).
+
+    Args:
+        eval_set: the set embedded by the first stage (its embeddings choose the candidates).
+        score_pairs: (text query indices [n], image indices [n]) -> [n] reranker scores; used for both
+            directions (an image query's candidates are text queries).
+        top_k: candidates per query that the reranker rescores.
+        ks: cut-offs of `*_recall@K`.
+        ranking_k: cut-off of MRR / NDCG / MAP.
+        fusion_weight: weight of the first-stage score in the fused score (0: reranker only).
+        pair_batch_size: pairs scored per call.
+        progress: progress bars on stderr.
+
+    Returns:
+        (reranked metrics named like `evaluation_metrics`, with seen/unseen variants when marked;
+         `{direction}_recall@{top_k}` of the first stage, with the same variants).
+    """
+    text_to_image = eval_set.text_to_image_relevance()
+    text_groups = image_groups = None
+    if bool(eval_set.text_unseen.any()):
+        text_groups = {"seen": ~eval_set.text_unseen, "unseen": eval_set.text_unseen}
+    if bool(eval_set.image_unseen.any()):
+        image_groups = {"seen": ~eval_set.image_unseen, "unseen": eval_set.image_unseen}
+    directions = (
+        (IMAGE_RETRIEVAL, eval_set.text_emb, eval_set.image_emb, text_to_image, text_groups, score_pairs),
+        (TEXT_RETRIEVAL, eval_set.image_emb, eval_set.text_emb, text_to_image.transpose(), image_groups,
+         lambda images, texts: score_pairs(texts, images)),
+    )  # fmt: skip
+    cutoffs = sorted(set(ks) | {ranking_k})
+    reranked: dict[str, float | int] = {"num_images": eval_set.num_images, "num_texts": eval_set.num_texts}
+    ceiling: dict[str, float] = {}
+    for direction, query_emb, candidate_emb, relevance, groups, pair_fn in directions:
+        candidates = top_k_candidates(query_emb, candidate_emb, top_k)
+        new_scores = rerank_candidates(
+            candidates, pair_fn, pair_batch_size, progress=f"reranking {direction}" if progress else None
+        )
+        new_scores = fuse_scores(candidates.scores.cpu(), new_scores, fusion_weight)
+        candidates = TopKCandidates(
+            candidates.indices.cpu(), candidates.scores.cpu(), candidates.num_candidates
+        )
+        per_query = per_query_metrics(candidate_score_fn(candidates, new_scores), relevance, cutoffs,
+                                      ("recall", "mrr", "ndcg", "map"))  # fmt: skip
+        first_stage = per_query_metrics(candidate_score_fn(candidates), relevance, [top_k], ("recall",))
+        for prefix, queries in [("", None), *((f"{name}/", mask) for name, mask in (groups or {}).items())]:
+            reranked.update(_direction_summary(per_query, direction, ks, ranking_k, queries, prefix=prefix))
+            ceiling[f"{prefix}{direction}_recall@{top_k}"] = float(
+                first_stage.summarize(queries)[f"recall@{top_k}"]
+            )
+    return reranked, ceiling
+
+
+class PairScorer:
+    """Scores (text query, image) pairs of an eval set with a `CrossEncoder`, from cached tower outputs.
+
+    Args:
+        reranker: a `mmret.modules.CrossEncoder` in eval mode.
+        text_states: [Q, L, Wt] token states of the Q text queries.
+        text_mask: [Q, L] bool real-token mask.
+        patches: [N, P, Wv] patch tokens of the N images (eval-set order).
+    """
+
+    def __init__(self, reranker, text_states: Tensor, text_mask: Tensor, patches: Tensor) -> None:
+        self.reranker = reranker
+        self.text_states, self.text_mask, self.patches = text_states, text_mask, patches
+
+    @torch.no_grad()
+    def __call__(self, text_index: Tensor, image_index: Tensor) -> Tensor:
+        device = self.text_states.device
+        text_index, image_index = text_index.to(device), image_index.to(device)
+        return self.reranker.score_tokens(
+            self.text_states[text_index], self.text_mask[text_index], self.patches[image_index]
+        )  # [n]
+
+    @classmethod
+    @torch.no_grad()
+    def from_data(
+        cls, reranker, data, eval_set: EmbeddedEvalSet, device: torch.device, batch_size: int = 128
+    ):
+        """Run the reranker's towers once over the data module's test images and the eval set's captions."""
+        from mmret.models import create_transforms
+
+        if eval_set.captions is None:
+            raise ValueError(
+                "reranking needs the caption strings of the eval set (single-process evaluation)"
+            )
+        data.set_preprocess(None, reranker.tokenizer,
+                            eval_image_transform=create_transforms(reranker.model, train=False))  # fmt: skip
+        patches_of_id: dict[int, Tensor] = {}
+        for batch in tqdm(data.test_dataloader(), desc="reranker image tokens", unit="batch", file=sys.stderr,
+                          disable=None, leave=False):  # fmt: skip
+            _, patches = reranker.encode_images(batch["image"].to(device))  # [B, P, Wv]
+            patches_of_id.update(zip(batch["sample_id"].tolist(), patches))
+        patches = torch.stack([patches_of_id[i] for i in eval_set.image_ids.tolist()])  # [N, P, Wv]
+        states, masks = [], []
+        for start in range(0, eval_set.num_texts, batch_size):
+            _, state, mask = reranker.encode_texts(eval_set.captions[start : start + batch_size])
+            states.append(state)
+            masks.append(mask)
+        return cls(reranker, torch.cat(states), torch.cat(masks), patches)

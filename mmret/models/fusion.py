@@ -1,0 +1,157 @@
+"""The cross-encoder's parts: token features from open_clip towers and the fusion layers that score a pair.
+
+    image_pooled, patch_tokens = image_tokens(model, images)          # [B, D], [B, P, Wv]
+    text_pooled, token_states, token_mask = text_tokens(model, text)  # [B, D], [B, L, Wt], [B, L]
+    fusion = FusionScorer(text_width=Wt, image_width=Wv, width=256, layers=2, heads=4)
+    scores = fusion(token_states, token_mask, patch_tokens)          # [B] one relevance logit per pair
+
+Text tokens attend to each other (self-attention, padding masked) and to the image's patch tokens
+(cross-attention), in a few pre-norm transformer layers (ALBEF / BLIP's fusion encoder, in small). The fused
+text states are mean-pooled over the real tokens and a linear head gives the score. Each pair is scored on its
+own — nothing mixes pairs — so a pair's score does not depend on which other candidates share the batch.
+
+No Lightning here: `mmret.modules.CrossEncoder` trains these.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mmret.models.towers import text_tower
+
+
+def image_tokens(model: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
+    """An open_clip image tower's L2-normalised embedding and its patch tokens.
+
+    Args:
+        model: an open_clip CLIP / CustomTextCLIP whose `visual` is a VisionTransformer.
+        images: [B, 3, H, W].
+
+    Returns:
+        pooled embedding [B, D] (normalised, what the dual encoder ranks with) and patch tokens [B, P, Wv].
+    """
+    visual = model.visual
+    if not hasattr(visual, "output_tokens"):
+        raise ValueError(
+            f"image tower {type(visual).__name__} cannot return patch tokens; use an open_clip ViT"
+        )
+    previous = visual.output_tokens
+    visual.output_tokens = True
+    try:
+        pooled, tokens = visual(images)
+    finally:
+        visual.output_tokens = previous
+    return F.normalize(pooled, dim=-1), tokens
+
+
+def text_tokens(model: nn.Module, text: Tensor | Mapping) -> tuple[Tensor, Tensor, Tensor]:
+    """An open_clip text tower's L2-normalised embedding, its final token states and the real-token mask.
+
+    Args:
+        model: an open_clip CLIP (text tower built in) or CustomTextCLIP with a native TextTransformer.
+        text: token ids [B, L] (open_clip tokenizers pad with 0).
+
+    Returns:
+        pooled embedding [B, D] (normalised), token states [B, L, Wt], bool mask [B, L] (True = real token).
+    """
+    if isinstance(text, Mapping):
+        text = text["input_ids"]
+    mask = text != 0  # [B, L]
+    tower = text_tower(model)
+    if tower is not model:  # CustomTextCLIP: a TextTransformer module with its own output_tokens switch
+        if not hasattr(tower, "output_tokens"):
+            raise ValueError(f"text tower {type(tower).__name__} cannot return token states")
+        previous = tower.output_tokens
+        tower.output_tokens = True
+        try:
+            pooled, states = tower(text)
+        finally:
+            tower.output_tokens = previous
+        return F.normalize(pooled, dim=-1), states, mask[:, : states.shape[1]]
+    # CLIP keeps its text tower on the model: the steps of `CLIP.encode_text`, keeping the token states.
+    from open_clip.transformer import text_global_pool
+
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(text).to(cast_dtype) + model.positional_embedding.to(cast_dtype)  # [B, L, Wt]
+    x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask))  # [B, L, Wt]
+    pooled = text_global_pool(x, text, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
+    if model.text_projection is not None:
+        projection = model.text_projection
+        pooled = projection(pooled) if isinstance(projection, nn.Linear) else pooled @ projection
+    return F.normalize(pooled, dim=-1), x, mask
+
+
+def tower_widths(model: nn.Module) -> tuple[int, int]:
+    """(text token width Wt, image patch width Wv) of an open_clip model, found by a tiny forward pass."""
+    image_size = model.visual.image_size
+    size = image_size if isinstance(image_size, (tuple, list)) else (image_size, image_size)
+    context_length = getattr(text_tower(model), "context_length", None) or model.context_length
+    with torch.no_grad():
+        _, patches = image_tokens(model, torch.zeros(1, 3, *size))
+        _, states, _ = text_tokens(model, torch.ones(1, context_length, dtype=torch.long))
+    return int(states.shape[-1]), int(patches.shape[-1])
+
+
+class FusionLayer(nn.Module):
+    """Pre-norm transformer layer: text self-attention, cross-attention to image tokens, MLP."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.norm_self = nn.LayerNorm(width)
+        self.self_attn = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
+        self.norm_cross = nn.LayerNorm(width)
+        self.norm_image = nn.LayerNorm(width)
+        self.cross_attn = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
+        self.norm_mlp = nn.LayerNorm(width)
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+
+    def forward(self, text: Tensor, text_padding: Tensor, image: Tensor) -> Tensor:
+        """text [B, L, W], text_padding [B, L] (True = pad), image [B, P, W] -> text [B, L, W]."""
+        x = self.norm_self(text)
+        text = text + self.self_attn(x, x, x, key_padding_mask=text_padding, need_weights=False)[0]
+        image = self.norm_image(image)
+        text = text + self.cross_attn(self.norm_cross(text), image, image, need_weights=False)[0]
+        return text + self.mlp(self.norm_mlp(text))
+
+
+class FusionScorer(nn.Module):
+    """Fusion layers over (text token states, image patch tokens) and a score head: one logit per pair.
+
+    Args:
+        text_width: width Wt of the text tower's token states.
+        image_width: width Wv of the image tower's patch tokens.
+        width: fusion width (both token streams are projected to it).
+        layers: number of fusion layers.
+        heads: attention heads per layer.
+        dropout: attention dropout.
+    """
+
+    def __init__(
+        self, text_width: int, image_width: int, width: int = 256, layers: int = 2, heads: int = 4,
+        dropout: float = 0.0,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"fusion width {width} is not divisible by {heads} heads")
+        self.text_proj = nn.Linear(text_width, width)
+        self.image_proj = nn.Linear(image_width, width)
+        self.layers = nn.ModuleList(FusionLayer(width, heads, dropout=dropout) for _ in range(layers))
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, 1)
+
+    def forward(self, text_states: Tensor, text_mask: Tensor, image_tokens: Tensor) -> Tensor:
+        """Score B pairs: text_states [B, L, Wt], text_mask [B, L] bool, image_tokens [B, P, Wv] -> [B]."""
+        text = self.text_proj(text_states)  # [B, L, W]
+        image = self.image_proj(image_tokens)  # [B, P, W]
+        padding = ~text_mask.bool()
+        for layer in self.layers:
+            text = layer(text, padding, image)
+        text = self.norm(text)
+        weights = text_mask.to(text.dtype).unsqueeze(-1)  # [B, L, 1]
+        pooled = (text * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)  # [B, W]
+        return self.head(pooled).squeeze(-1)  # [B]

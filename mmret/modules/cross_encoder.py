@@ -1,0 +1,367 @@
+"""CrossEncoder: the reranker LightningModule — a caption and an image read together, one relevance score.
+
+    mmret fit -c experiments/shapes_reranker.yaml
+
+Network: the two towers of an open_clip model (initialised from a trained dual-encoder checkpoint, or any
+open_clip name / JSON config / `test-*` config) give text token states and image patch tokens; a few fusion
+layers (`mmret.models.fusion.FusionScorer`: text self-attention + cross-attention to the patches) and a score
+head turn each (text, image) pair into a logit. Either tower can be frozen.
+
+Training signal (the ALBEF / BLIP recipe): every positive pair of the batch gets `num_negatives` hard negatives
+per direction — for a caption, images; for an image, captions — drawn from the batch gathered from ALL ranks,
+in proportion to softmax(similarity / temperature) of the towers' pooled embeddings (the dual encoder's own
+similarity while the towers are frozen), never a candidate with the query's sample id. Candidates with the
+query's exact caption are true positives too (shapes draws many images of one description), so they are marked
+positive, not negative, and the default listwise InfoNCE (`mmret.losses.listwise_infonce_loss`, "mean" over
+positives) treats every one of them as a positive; `loss: bce` is the pointwise alternative. Under DDP the
+negatives come from world_size × B candidates and the tokens are gathered with gradient, like the dual
+encoder's embeddings.
+
+The network scores each pair independently, so a pair's score never depends on the other candidates in the
+batch: `mmret eval --reranker` can rescore any top-K list in any order and batch size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Literal
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import Tensor
+
+from mmret import distributed
+from mmret.errors import UsageError
+from mmret.evaluation.retrieval import EvalSetEmbedder, caption_hash, evaluation_metrics
+from mmret.losses import ListwiseLoss, binary_cross_entropy_loss
+from mmret.models import (
+    create_model,
+    create_transforms,
+    get_tokenizer,
+    lock_image_tower,
+    lock_text_tower,
+    param_groups_for_weight_decay,
+)
+from mmret.models.fusion import FusionScorer, image_tokens, text_tokens, tower_widths
+from mmret.modules.dual_encoder import warmup_cosine
+
+
+def sample_hard_negatives(
+    similarity: Tensor,
+    query_ids: Tensor,
+    candidate_ids: Tensor,
+    num_negatives: int,
+    mode: Literal["similarity", "hardest", "uniform"] = "similarity",
+    temperature: float = 0.05,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Pick hard negative candidates per query, never one with the query's id.
+
+    Args:
+        similarity: [Q, N] query-candidate similarity (e.g. cosine of dual-encoder embeddings).
+        query_ids: [Q] sample id of each query.
+        candidate_ids: [N] sample id of each candidate.
+        num_negatives: K, negatives per query.
+        mode: "similarity": drawn without replacement with probability ∝ softmax(similarity / temperature);
+            "hardest": the K most similar; "uniform": uniformly at random.
+        temperature: softmax temperature of "similarity" sampling.
+        generator: random generator of the draws.
+
+    Returns:
+        indices [Q, K'] into the candidates and a bool [Q, K'] validity mask (False: padding, for a query
+        with fewer than K allowed candidates); K' = min(K, N).
+    """
+    allowed = query_ids[:, None] != candidate_ids[None, :]  # [Q, N]
+    count = min(num_negatives, similarity.shape[1])
+    if count <= 0:
+        empty = similarity.new_zeros(similarity.shape[0], 0)
+        return empty.long(), empty.bool()
+    similarity = similarity.detach().float()
+    if mode == "hardest":
+        keys = similarity.masked_fill(~allowed, float("-inf"))
+    elif mode in ("similarity", "uniform"):
+        # Gumbel top-k == sampling without replacement ∝ exp(logits); -inf keeps same-id pairs out for good.
+        logits = similarity / temperature if mode == "similarity" else torch.zeros_like(similarity)
+        uniform = torch.rand(similarity.shape, generator=generator, device="cpu").to(similarity.device)
+        gumbel = -torch.log(-torch.log(uniform.clamp(1e-20, 1.0 - 1e-7)))
+        keys = (logits + gumbel).masked_fill(~allowed, float("-inf"))
+    else:
+        raise ValueError(f"mode must be 'similarity', 'hardest' or 'uniform', got {mode!r}")
+    top = keys.topk(count, dim=1)  # [Q, K']
+    valid = torch.isfinite(top.values) & allowed.gather(1, top.indices)
+    return top.indices, valid
+
+
+class CrossEncoder(LightningModule):
+    """Cross-encoder reranker: fusion layers over open_clip text tokens and image patches, trained with
+    hard negatives gathered from every rank.
+
+    Args:
+        model: open_clip model name, an mmret `test-*` config or a JSON config path for the towers (ignored when
+            `dual_encoder` is set).
+        pretrained: open_clip pretrained tag or local weights for `model`. None: random init.
+        dual_encoder: A dual-encoder checkpoint (`mmret fit` with mmret.modules.DualEncoder) whose trained towers
+            initialise this reranker's towers.
+        lock_image: Freeze the image tower.
+        lock_text: Freeze the text tower.
+        fusion_width: Width of the fusion layers.
+        fusion_layers: Number of fusion layers (text self-attention + cross-attention to image patches + MLP).
+        fusion_heads: Attention heads per fusion layer.
+        num_negatives: Hard negatives per positive pair and direction.
+        directions: "both": captions rank images and images rank captions; "text_to_image": only the first.
+        negative_sampling: "similarity" (∝ softmax of similarity / sampling_temperature, ALBEF), "hardest"
+            (top-K by similarity) or "uniform".
+        sampling_temperature: Temperature of similarity sampling, on cosine similarities.
+        gather: Draw negatives from the batch of every rank (effective candidates = world_size × batch_size).
+        loss: "listwise" (InfoNCE over [positives, negatives], every positive counted) or "bce" (pointwise).
+        temperature: Listwise loss temperature on the scores.
+        positive_aggregation: Listwise loss with several positives: "mean" (each positive against the
+            negatives) or "logsumexp" (one positive suffices).
+        bce_pos_weight: BCE weight of positive pairs (None: 1).
+        lr: Peak AdamW learning rate.
+        tower_lr_scale: Learning rate of unfrozen towers as a fraction of `lr`.
+        weight_decay: AdamW weight decay (not on norms, biases, embeddings).
+        warmup_steps: Linear warmup steps, then cosine decay to 0.
+        val_top_k: Validation reranks each query's top-K by the towers' own embeddings and logs the reranked
+            metrics as `val/image_retrieval_recall@1`, ... (first stage: `val/first_stage/...`).
+    """
+
+    def __init__(
+        self,
+        model: str = "test-vit-tiny",
+        pretrained: str | None = None,
+        dual_encoder: str | None = None,
+        lock_image: bool = False,
+        lock_text: bool = False,
+        fusion_width: int = 256,
+        fusion_layers: int = 2,
+        fusion_heads: int = 4,
+        num_negatives: int = 7,
+        directions: Literal["both", "text_to_image"] = "both",
+        negative_sampling: Literal["similarity", "hardest", "uniform"] = "similarity",
+        sampling_temperature: float = 0.05,
+        gather: bool = True,
+        loss: Literal["listwise", "bce"] = "listwise",
+        temperature: float = 1.0,
+        positive_aggregation: Literal["mean", "logsumexp"] = "mean",
+        bce_pos_weight: float | None = None,
+        lr: float = 3e-4,
+        tower_lr_scale: float = 0.1,
+        weight_decay: float = 0.05,
+        warmup_steps: int = 50,
+        val_top_k: int = 10,
+    ) -> None:
+        super().__init__()
+        if loss not in ("listwise", "bce"):
+            raise UsageError(f"model.loss is {loss!r}; expected 'listwise' or 'bce'")
+        if directions not in ("both", "text_to_image"):
+            raise UsageError(f"model.directions is {directions!r}; expected 'both' or 'text_to_image'")
+        if negative_sampling not in ("similarity", "hardest", "uniform"):
+            raise UsageError(
+                f"model.negative_sampling is {negative_sampling!r}; expected similarity|hardest|uniform"
+            )
+        if num_negatives < 1:
+            raise UsageError(f"model.num_negatives is {num_negatives}; expected an integer >= 1")
+        if sampling_temperature <= 0 or temperature <= 0:
+            raise UsageError("model.sampling_temperature and model.temperature must be > 0")
+        self.save_hyperparameters()
+        if dual_encoder is not None:
+            from mmret.checkpoints import load_dual_encoder, read_checkpoint
+
+            self.model = load_dual_encoder(dual_encoder).model.train()  # loaded in eval mode
+            # The architecture name comes from the checkpoint itself: under LightningCLI the DualEncoder built
+            # inside this constructor would record this module's hyperparameters as its own.
+            self.tower_name = read_checkpoint(dual_encoder, "dual_encoder")["mmret"]["model"]
+        else:
+            self.model = create_model(model, pretrained)
+            self.tower_name = model
+        if lock_image:
+            lock_image_tower(self.model, 0, True)
+        if lock_text:
+            lock_text_tower(self.model, 0, True)
+        text_width, image_width = tower_widths(self.model)
+        self.fusion = FusionScorer(text_width, image_width, fusion_width, fusion_layers, fusion_heads)
+        self.listwise = ListwiseLoss(temperature, positive_aggregation)
+        self._tokenizer = None
+        self._val_embedder: EvalSetEmbedder | None = None
+        self._val_patches: dict[int, Tensor] = {}
+
+    # ---- network -----------------------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        """The towers' tokenizer (list[str] -> token tensor), built once."""
+        if self._tokenizer is None:
+            self._tokenizer = get_tokenizer(self.model)
+        return self._tokenizer
+
+    def encode_images(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """images [B, 3, H, W] -> pooled normalised embedding [B, D], patch tokens [B, P, Wv]."""
+        return image_tokens(self.model, images)
+
+    def encode_texts(self, text: Tensor | Mapping | list[str]) -> tuple[Tensor, Tensor, Tensor]:
+        """Tokens [B, L] (or caption strings) -> pooled embedding [B, D], states [B, L, Wt], mask [B, L]."""
+        if isinstance(text, list):
+            text = self.tokenizer(text)
+        if isinstance(text, Mapping):
+            text = text["input_ids"]
+        return text_tokens(self.model, text.to(self.device))
+
+    def score_tokens(self, text_states: Tensor, text_mask: Tensor, patch_tokens: Tensor) -> Tensor:
+        """Relevance logits [B] of B (text, image) pairs given as tower outputs."""
+        return self.fusion(text_states, text_mask, patch_tokens)
+
+    def score(self, captions: list[str], images: Tensor) -> Tensor:
+        """Relevance logits [B] of B (caption, image) pairs."""
+        _, states, mask = self.encode_texts(captions)
+        _, patches = self.encode_images(images.to(self.device))
+        return self.score_tokens(states, mask, patches)
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "set_preprocess"):
+            datamodule.set_preprocess(
+                image_transform=create_transforms(self.model, train=True),
+                tokenizer=self.tokenizer,
+                eval_image_transform=create_transforms(self.model, train=False),
+            )
+
+    # ---- training ----------------------------------------------------------------------------------------
+    def _gather(self, tensor: Tensor) -> Tensor:
+        if not self.hparams.gather:
+            return tensor
+        return distributed.all_gather_with_grad(tensor) if tensor.requires_grad else _gather_plain(tensor)
+
+    def _listwise_scores(
+        self,
+        query_emb: Tensor,
+        query_ids: Tensor,
+        query_captions: Tensor,
+        candidate_emb: Tensor,
+        candidate_ids: Tensor,
+        candidate_captions: Tensor,
+        positive_rows: Tensor,
+        score_pairs,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Scores [Q, 1+K] of each query's [own positive, K sampled candidates] and their masks."""
+        similarity = query_emb.detach() @ candidate_emb.detach().t()  # [Q, N]
+        negatives, valid = sample_hard_negatives(
+            similarity, query_ids, candidate_ids, self.hparams.num_negatives, self.hparams.negative_sampling,
+            self.hparams.sampling_temperature,
+        )  # fmt: skip
+        columns = torch.cat([positive_rows[:, None], negatives], dim=1)  # [Q, 1+K] candidate rows
+        candidate_mask = torch.cat([torch.ones_like(valid[:, :1]), valid], dim=1)  # [Q, 1+K]
+        positive_mask = (candidate_captions[columns] == query_captions[:, None]) & candidate_mask
+        positive_mask[:, 0] = True
+        scores = score_pairs(columns)  # [Q, 1+K]
+        return scores, positive_mask, candidate_mask
+
+    def _loss(self, scores: Tensor, positive_mask: Tensor, candidate_mask: Tensor) -> Tensor:
+        if self.hparams.loss == "bce":
+            return binary_cross_entropy_loss(
+                scores, positive_mask, candidate_mask, self.hparams.bce_pos_weight
+            )
+        return self.listwise(scores, positive_mask, candidate_mask)
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        images, text, sample_id = batch["image"], batch["text"], batch["sample_id"]
+        captions = torch.tensor(
+            [caption_hash(c) for c in batch["caption"]], dtype=torch.long, device=sample_id.device
+        )  # [B]
+        batch_size = images.shape[0]
+        image_emb, patches = self.encode_images(images)  # [B, D], [B, P, Wv]
+        text_emb, states, mask = self.encode_texts(text)  # [B, D], [B, L, Wt], [B, L]
+        all_image_emb, all_text_emb = self._gather(image_emb.detach()), self._gather(text_emb.detach())
+        all_patches, all_states = self._gather(patches), self._gather(states)  # [N, P, Wv], [N, L, Wt]
+        all_mask = self._gather(mask.long()).bool()  # bool tensors do not travel through every backend
+        all_ids, all_captions = self._gather(sample_id), self._gather(captions)
+        offset = distributed.get_rank() * batch_size if self.hparams.gather else 0
+        own_rows = torch.arange(batch_size, device=images.device) + offset  # this rank's rows in the gathered
+
+        def text_to_image(columns: Tensor) -> Tensor:  # columns [B, C] image rows -> scores [B, C]
+            count = columns.shape[1]
+            flat = self.score_tokens(
+                states.repeat_interleave(count, 0), mask.repeat_interleave(count, 0), all_patches[columns.flatten()]
+            )  # fmt: skip
+            return flat.view(batch_size, count)
+
+        scores, positives, valid = self._listwise_scores(
+            text_emb, sample_id, captions, all_image_emb, all_ids, all_captions, own_rows, text_to_image
+        )
+        loss = self._loss(scores, positives, valid)
+        self.log("train/loss_text_to_image", loss.detach(), batch_size=batch_size)
+        if self.hparams.directions == "both":
+
+            def image_to_text(columns: Tensor) -> Tensor:  # columns [B, C] text rows -> scores [B, C]
+                count, rows = columns.shape[1], columns.flatten()
+                flat = self.score_tokens(
+                    all_states[rows], all_mask[rows], patches.repeat_interleave(count, 0)
+                )
+                return flat.view(batch_size, count)
+
+            scores_i, positives_i, valid_i = self._listwise_scores(
+                image_emb, sample_id, captions, all_text_emb, all_ids, all_captions, own_rows, image_to_text
+            )
+            loss_i = self._loss(scores_i, positives_i, valid_i)
+            self.log("train/loss_image_to_text", loss_i.detach(), batch_size=batch_size)
+            loss = (loss + loss_i) / 2
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
+        return loss
+
+    def configure_optimizers(self):
+        fusion_groups = param_groups_for_weight_decay(self.fusion, self.hparams.weight_decay)
+        tower_groups = param_groups_for_weight_decay(self.model, self.hparams.weight_decay)
+        for group in tower_groups:
+            group["lr"] = self.hparams.lr * self.hparams.tower_lr_scale
+        optimizer = torch.optim.AdamW(fusion_groups + tower_groups, lr=self.hparams.lr, betas=(0.9, 0.98))
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = min(self.hparams.warmup_steps, total_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, warmup, total_steps, 0.0)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- validation: retrieve with the towers' embeddings, rerank the top-K ---------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._val_embedder = EvalSetEmbedder(lambda image_emb: image_emb, lambda c: self.encode_texts(c)[0],
+                                             device=self.device)  # fmt: skip
+        self._val_patches = {}
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        image_emb, patches = self.encode_images(batch["image"])  # [B, D], [B, P, Wv]
+        self._val_patches.update(zip(batch["sample_id"].tolist(), patches))
+        self._val_embedder.add_batch({**batch, "image": image_emb})
+
+    def on_validation_epoch_end(self) -> None:
+        from mmret.evaluation.rerank import PairScorer, two_stage_metrics
+
+        eval_set = self._val_embedder.finish()  # collective: every rank gets here
+        patches_of_id, self._val_embedder, self._val_patches = self._val_patches, None, {}
+        if eval_set.num_images == 0:
+            return
+        for name, value in evaluation_metrics(eval_set).items():
+            self.log(f"val/first_stage/{name}", float(value), sync_dist=False, rank_zero_only=False)
+        ids = eval_set.image_ids.tolist()
+        if eval_set.captions is None or any(i not in patches_of_id for i in ids):
+            return  # under DDP the other ranks' captions and patches are not here: first-stage metrics only
+        states, masks = [], []
+        for start in range(0, eval_set.num_texts, 256):
+            _, state, mask = self.encode_texts(eval_set.captions[start : start + 256])
+            states.append(state)
+            masks.append(mask)
+        scorer = PairScorer(
+            self, torch.cat(states), torch.cat(masks), torch.stack([patches_of_id[i] for i in ids])
+        )
+        top_k = min(self.hparams.val_top_k, eval_set.num_images)
+        reranked, ceiling = two_stage_metrics(eval_set, scorer, top_k)
+        for name, value in {**reranked, **{f"ceiling/{k}": v for k, v in ceiling.items()}}.items():
+            self.log(f"val/{name}", float(value), sync_dist=False, rank_zero_only=False)
+
+    # ---- checkpoints -------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # `tower_name` lets `load_cross_encoder` rebuild the towers without the dual-encoder checkpoint.
+        checkpoint["mmret"] = {"kind": "cross_encoder", "model": self.tower_name}
+
+
+def _gather_plain(tensor: Tensor) -> Tensor:
+    """All ranks' rows of a tensor that needs no gradient (ids, masks, detached embeddings)."""
+    return distributed.all_gather_variable(tensor)

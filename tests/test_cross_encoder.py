@@ -1,0 +1,204 @@
+"""The CrossEncoder reranker: the online hard-negative sampler, the listwise loss, order invariance, training.
+
+.venv/bin/pytest tests/test_cross_encoder.py -q            # default tier (tiny towers, fake batches)
+.venv/bin/pytest tests/test_cross_encoder.py -q -m slow    # `mmret fit` of a reranker from a dual encoder
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mmret.checkpoints import load_cross_encoder, read_checkpoint
+from mmret.cli import main
+from mmret.losses import listwise_infonce_loss
+from mmret.modules import CrossEncoder
+from mmret.modules.cross_encoder import sample_hard_negatives
+
+
+# ---- the online sampler ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["similarity", "hardest", "uniform"])
+def test_sampler_never_picks_a_same_id_pair(mode):
+    generator = torch.Generator().manual_seed(0)
+    candidate_ids = torch.tensor([0, 0, 1, 1, 1, 2, 3, 3])  # several captions / crops of one sample
+    query_ids = torch.tensor([0, 1, 2, 3])
+    for _ in range(50):
+        similarity = torch.randn(4, 8, generator=generator)
+        similarity[:, :2] += (
+            5.0  # the same-id candidates of query 0 are the most similar: must still be skipped
+        )
+        indices, valid = sample_hard_negatives(
+            similarity, query_ids, candidate_ids, 4, mode, generator=generator
+        )
+        picked = candidate_ids[indices]  # [Q, K]
+        assert not bool(((picked == query_ids[:, None]) & valid).any())
+        assert bool(valid.all())  # every query has >= 4 allowed candidates here
+        for row in indices.tolist():
+            assert len(set(row)) == len(row)  # without replacement
+
+
+def test_sampler_pads_when_too_few_candidates_and_hardest_is_top_k():
+    similarity = torch.tensor([[0.9, 0.8, 0.1, 0.5], [0.2, 0.3, 0.4, 0.1]])
+    ids = torch.tensor([0, 1, 1, 1])
+    indices, valid = sample_hard_negatives(similarity, torch.tensor([1, 0]), ids, 3, "hardest")
+    assert indices[0, 0].item() == 0 and valid[0].tolist() == [True, False, False]  # only id 0 is allowed
+    assert sorted(indices[1].tolist()) == [1, 2, 3] and bool(valid[1].all())
+
+
+def test_similarity_sampling_prefers_similar_candidates():
+    generator = torch.Generator().manual_seed(1)
+    similarity = torch.tensor([[0.0, 0.9, 0.1, 0.2, 0.05]])
+    counts = torch.zeros(5)
+    for _ in range(300):
+        indices, _ = sample_hard_negatives(
+            similarity, torch.tensor([0]), torch.arange(5), 1, "similarity", 0.1, generator
+        )
+        counts[indices[0, 0]] += 1
+    assert counts[0] == 0 and counts.argmax().item() == 1 and counts[1] > 200
+
+
+# ---- the listwise loss with several positives ----------------------------------------------------------------
+def reference_listwise(scores, positive_mask, candidate_mask, temperature):
+    """Per query: mean over positives p of -log(e^s_p / (e^s_p + sum over negatives e^s_n)), by loops."""
+    losses = []
+    for row in range(scores.shape[0]):
+        logits = [s / temperature for s in scores[row].tolist()]
+        positives = [c for c in range(len(logits)) if positive_mask[row, c] and candidate_mask[row, c]]
+        negatives = [c for c in range(len(logits)) if candidate_mask[row, c] and not positive_mask[row, c]]
+        if not positives:
+            continue
+        terms = []
+        for p in positives:
+            denominator = torch.tensor([logits[p]] + [logits[n] for n in negatives], dtype=torch.float64)
+            terms.append(-(logits[p] - torch.logsumexp(denominator, 0).item()))
+        losses.append(sum(terms) / len(terms))
+    return sum(losses) / len(losses)
+
+
+def test_listwise_loss_matches_the_reference_with_several_positives():
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randn(6, 5, generator=generator, dtype=torch.float64)
+    positive_mask = torch.zeros(6, 5, dtype=torch.bool)
+    positive_mask[:, 0] = True
+    positive_mask[1, 3] = positive_mask[4, 2] = positive_mask[4, 4] = True
+    candidate_mask = torch.ones(6, 5, dtype=torch.bool)
+    candidate_mask[2, 4] = candidate_mask[5, 1] = False
+    ours = listwise_infonce_loss(scores, positive_mask, 0.5, candidate_mask)
+    assert ours.item() == pytest.approx(
+        reference_listwise(scores, positive_mask, candidate_mask, 0.5), abs=1e-9
+    )
+
+
+# ---- the module ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def reranker():
+    torch.manual_seed(0)
+    return CrossEncoder(
+        model="test-vit-micro", fusion_width=32, fusion_layers=1, fusion_heads=2, num_negatives=3
+    )
+
+
+def fake_batch(module, captions, ids):
+    size = module.model.visual.image_size
+    size = size if isinstance(size, tuple) else (size, size)
+    generator = torch.Generator().manual_seed(len(captions))
+    return {
+        "image": torch.randn(len(captions), 3, *size, generator=generator),
+        "text": module.tokenizer(captions),
+        "sample_id": torch.tensor(ids),
+        "caption": captions,
+    }
+
+
+def test_scores_are_invariant_to_candidate_order_and_batch(reranker):
+    reranker.eval()
+    batch = fake_batch(
+        reranker, ["a red circle", "a blue square left of a red circle", "x", "a green one"], [1, 2, 3, 4]
+    )
+    with torch.no_grad():
+        scores = reranker.score(batch["caption"], batch["image"])  # [4]
+        order = torch.tensor([2, 0, 3, 1])
+        shuffled = reranker.score([batch["caption"][i] for i in order], batch["image"][order])
+        single = torch.stack(
+            [reranker.score([batch["caption"][i]], batch["image"][i : i + 1])[0] for i in range(4)]
+        )
+    torch.testing.assert_close(shuffled, scores[order], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(single, scores, rtol=1e-5, atol=1e-5)
+
+
+def test_training_step_gives_a_finite_loss_and_gradients(reranker):
+    reranker.train()
+    captions = ["a red circle", "a blue square", "a red circle", "a green diamond", "a big purple square"]
+    loss = reranker.training_step(fake_batch(reranker, captions, [0, 1, 2, 3, 4]), 0)
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert reranker.fusion.head.weight.grad is not None
+    assert reranker.model.visual.conv1.weight.grad is not None
+    reranker.zero_grad(set_to_none=True)
+
+
+def test_locked_towers_get_no_gradient():
+    module = CrossEncoder(model="test-vit-micro", fusion_width=32, fusion_layers=1, fusion_heads=2,
+                          num_negatives=2, lock_image=True, lock_text=True)  # fmt: skip
+    loss = module.training_step(fake_batch(module, ["a", "b", "c"], [0, 1, 2]), 0)
+    loss.backward()
+    assert all(p.grad is None for p in module.model.parameters())
+    assert module.fusion.head.weight.grad is not None
+
+
+def test_bad_options_are_refused():
+    from mmret.errors import UsageError
+
+    with pytest.raises(UsageError, match="model.loss"):
+        CrossEncoder(model="test-vit-micro", loss="hinge")
+    with pytest.raises(UsageError, match="num_negatives"):
+        CrossEncoder(model="test-vit-micro", num_negatives=0)
+
+
+# ---- end to end: a dual encoder, then a reranker initialised from it ----------------------------------------
+@pytest.fixture(scope="module")
+def trained_pair(tmp_path_factory, digits_root):
+    common = ["--data", "mmret.data.datamodule.RetrievalDataModule", "--data.train", str(digits_root / "train"),
+              "--data.samples_per_epoch", "32", "--data.batch_size", "16", "--data.num_workers", "0",
+              "--trainer.max_epochs", "1", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar",
+              "false", "--trainer.limit_val_batches", "0"]  # fmt: skip
+    dual_dir = tmp_path_factory.mktemp("dual_run")
+    assert main(["fit", "--model", "mmret.modules.DualEncoder", "--model.model", "test-vit-micro",
+                 "--model.warmup_steps", "1", *common, "--run_dir", str(dual_dir)]) == 0  # fmt: skip
+    dual = dual_dir / "checkpoints" / "last.ckpt"
+    reranker_dir = tmp_path_factory.mktemp("reranker_run")
+    assert main(["fit", "--model", "mmret.modules.CrossEncoder", "--model.dual_encoder", str(dual),
+                 "--model.fusion_width", "32", "--model.fusion_layers", "1", "--model.fusion_heads", "2",
+                 "--model.num_negatives", "3", "--model.lock_image", "true", "--model.warmup_steps", "1",
+                 *common, "--run_dir", str(reranker_dir)]) == 0  # fmt: skip
+    return dual, reranker_dir / "checkpoints" / "last.ckpt"
+
+
+@pytest.mark.slow
+def test_fit_writes_a_cross_encoder_checkpoint_that_loads_alone(trained_pair):
+    dual, reranker_ckpt = trained_pair
+    checkpoint = read_checkpoint(reranker_ckpt, "cross_encoder")
+    assert checkpoint["mmret"]["model"] == "test-vit-micro"
+    module = load_cross_encoder(reranker_ckpt)
+    dual_weights = torch.load(dual, map_location="cpu", weights_only=False)["state_dict"]
+    # the image tower was locked: it still holds the dual encoder's trained weights
+    torch.testing.assert_close(module.model.visual.conv1.weight, dual_weights["model.visual.conv1.weight"])
+    images = torch.randn(2, 3, 32, 32)
+    again = load_cross_encoder(reranker_ckpt)
+    with torch.no_grad():
+        torch.testing.assert_close(module.score(["a 1", "a 2"], images), again.score(["a 1", "a 2"], images))
+    exported = reranker_ckpt.parent / "exported"
+    assert main(["export", str(reranker_ckpt), "--output", str(exported)]) == 0
+    from safetensors.torch import load_file
+
+    state = load_file(str(exported / "reranker_model.safetensors"))
+    torch.testing.assert_close(state["fusion.head.weight"], module.fusion.head.weight)
+    config = json.loads((exported / "reranker_config.json").read_text())
+    rebuilt = CrossEncoder(**config["init_args"])
+    rebuilt.load_state_dict(state)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            rebuilt.eval().score(["a 1"], images[:1]), module.score(["a 1"], images[:1])
+        )

@@ -1,0 +1,130 @@
+"""Retrieve-then-rerank evaluation (`mmret eval --reranker CKPT --top-k K`).
+
+.venv/bin/pytest tests/test_rerank_eval.py -q            # default tier: oracle / identity rerankers, fusion
+.venv/bin/pytest tests/test_rerank_eval.py -q -m slow    # `mmret eval --reranker` on tiny trained models
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmret.cli import main
+from mmret.evaluation.rerank import fuse_scores, two_stage_metrics
+from mmret.evaluation.retrieval import EmbeddedEvalSet, evaluation_metrics
+
+
+def fake_eval_set(num_images=30, num_texts=24, seed=0) -> EmbeddedEvalSet:
+    """Noisy embeddings: the first stage is imperfect; some captions are relevant to two images."""
+    generator = torch.Generator().manual_seed(seed)
+    image_emb = F.normalize(torch.randn(num_images, 16, generator=generator), dim=1)
+    relevant = [
+        {t % num_images} | ({(t + 7) % num_images} if t % 4 == 0 else set()) for t in range(num_texts)
+    ]
+    text_emb = torch.stack([image_emb[sorted(r)].mean(0) for r in relevant])
+    text_emb = F.normalize(text_emb + 0.5 * torch.randn(text_emb.shape, generator=generator), dim=1)
+    image_unseen = torch.arange(num_images) % 3 == 0
+    text_unseen = torch.tensor([any(bool(image_unseen[i]) for i in r) for r in relevant])
+    return EmbeddedEvalSet(
+        image_emb=image_emb, image_ids=torch.arange(num_images) * 10, labels=torch.full((num_images,), -1),
+        image_unseen=image_unseen, text_emb=text_emb, text_relevant=[{i * 10 for i in r} for r in relevant],
+        text_unseen=text_unseen, captions=[f"caption {t}" for t in range(num_texts)],
+    )  # fmt: skip
+
+
+def oracle_for(eval_set: EmbeddedEvalSet):
+    """A perfect reranker: 1 for a relevant (text, image) pair, 0 otherwise."""
+    ids = eval_set.image_ids.tolist()
+
+    def score(text_index, image_index):
+        return torch.tensor(
+            [
+                float(ids[i] in eval_set.text_relevant[t])
+                for t, i in zip(text_index.tolist(), image_index.tolist())
+            ]
+        )
+
+    return score
+
+
+@pytest.mark.parametrize("top_k", [1, 3, 5])
+def test_oracle_reranker_reaches_the_first_stage_recall_at_k_ceiling(top_k):
+    eval_set = fake_eval_set()
+    first_stage = evaluation_metrics(eval_set, ks=(1, top_k))
+    reranked, ceiling = two_stage_metrics(eval_set, oracle_for(eval_set), top_k, ks=(1, top_k))
+    for direction in ("image_retrieval", "text_retrieval"):
+        for prefix in ("", "seen/", "unseen/"):
+            name = f"{prefix}{direction}_recall@{top_k}"
+            assert ceiling[name] == pytest.approx(
+                first_stage[name]
+            )  # the lists hold what the first stage had
+            assert reranked[f"{prefix}{direction}_recall@1"] == pytest.approx(ceiling[name])
+    assert (
+        first_stage["image_retrieval_recall@1"] < first_stage[f"image_retrieval_recall@{top_k}"] or top_k == 1
+    )
+
+
+def test_first_stage_scores_as_the_reranker_reproduce_the_first_stage_metrics():
+    eval_set = fake_eval_set(seed=1)
+    first_stage = evaluation_metrics(eval_set, ks=(1, 5))
+
+    def cosine(text_index, image_index):
+        return (eval_set.text_emb[text_index] * eval_set.image_emb[image_index]).sum(1)
+
+    reranked, _ = two_stage_metrics(eval_set, cosine, 10, ks=(1, 5))
+    for name in ("image_retrieval_recall@1", "text_retrieval_recall@5", "unseen/image_retrieval_ndcg@10"):
+        assert reranked[name] == pytest.approx(first_stage[name])
+    # fusion weight 1 ignores the reranker altogether (here: the oracle)
+    fused, _ = two_stage_metrics(eval_set, oracle_for(eval_set), 10, ks=(1, 5), fusion_weight=1.0)
+    assert fused["image_retrieval_recall@1"] == pytest.approx(first_stage["image_retrieval_recall@1"])
+
+
+def test_fuse_scores_standardises_each_list():
+    first = torch.tensor([[10.0, 20.0, 30.0]])
+    second = torch.tensor([[3.0, 2.0, 1.0]])
+    assert torch.equal(fuse_scores(first, second, 0.0), second)
+    assert fuse_scores(first, second, 0.5).abs().max() < 1e-6  # opposite orders cancel out
+
+
+def test_eval_refuses_a_bad_top_k_and_fusion(tmp_path, capsys):
+    output = tmp_path / "r.json"
+    base = ["eval", "--model", str(tmp_path / "m.ckpt"), "--data", str(tmp_path), "--output", str(output)]
+    for extra, word in [(["--top-k", "0"], "--top-k"), (["--fusion", "2"], "--fusion"),
+                        (["--reranker", str(tmp_path / "nope.ckpt")], "--reranker")]:  # fmt: skip
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and word in err[0]
+    assert not output.exists()
+
+
+@pytest.mark.slow
+def test_eval_with_a_reranker_writes_reranked_metrics_and_the_ceiling(tmp_path_factory, digits_root):
+    common = ["--data", "mmret.data.datamodule.RetrievalDataModule", "--data.train", str(digits_root / "train"),
+              "--data.samples_per_epoch", "32", "--data.batch_size", "16", "--data.num_workers", "0",
+              "--trainer.max_epochs", "1", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar",
+              "false", "--trainer.limit_val_batches", "0"]  # fmt: skip
+    dual_dir, reranker_dir = tmp_path_factory.mktemp("dual"), tmp_path_factory.mktemp("reranker")
+    assert main(["fit", "--model", "mmret.modules.DualEncoder", "--model.model", "test-vit-micro",
+                 "--model.warmup_steps", "1", *common, "--run_dir", str(dual_dir)]) == 0  # fmt: skip
+    dual = dual_dir / "checkpoints" / "last.ckpt"
+    assert main(["fit", "--model", "mmret.modules.CrossEncoder", "--model.dual_encoder", str(dual),
+                 "--model.fusion_width", "32", "--model.fusion_layers", "1", "--model.fusion_heads", "2",
+                 "--model.num_negatives", "3", "--model.warmup_steps", "1", *common,
+                 "--run_dir", str(reranker_dir)]) == 0  # fmt: skip
+    reranker = reranker_dir / "checkpoints" / "last.ckpt"
+    output = tmp_path_factory.mktemp("eval") / "r.json"
+    assert main(["eval", "--model", str(dual), "--reranker", str(reranker), "--top-k", "5", "--data",
+                 str(digits_root), "--output", str(output), "--device", "cpu", "--num-workers", "0",
+                 "--task", "retrieval"]) == 0  # fmt: skip
+    results = json.loads(output.read_text())
+    assert results["top_k"] == 5
+    assert set(results["reranked_metrics"]) >= {"image_retrieval_recall@1", "text_retrieval_ndcg@10"}
+    ceiling = results["first_stage_ceiling"]["image_retrieval_recall@5"]
+    assert ceiling == pytest.approx(results["metrics"]["image_retrieval_recall@5"])
+    assert results["reranked_metrics"]["image_retrieval_recall@1"] <= ceiling + 1e-9
+    # the models' places are checked: a dual encoder as --reranker is refused
+    assert main(["eval", "--model", str(dual), "--reranker", str(dual), "--data", str(digits_root),
+                 "--output", str(output.with_name("bad.json")), "--device", "cpu"]) == 2  # fmt: skip
