@@ -29,3 +29,20 @@ def digits_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("builtin") / "digits"
     build_dataset("digits", root, seed=0, image_size=64, progress=False)
     return root
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tmp_path_factory, digits_root):
+    """A tiny DualEncoder (test-vit-micro) trained for 2 steps on digits by `mmret fit`: its last.ckpt."""
+    from mmret.cli import main
+
+    run_dir = tmp_path_factory.mktemp("tiny_dual_run")
+    code = main([
+        "fit", "--model", "mmret.modules.DualEncoder", "--model.model", "test-vit-micro",
+        "--model.warmup_steps", "1", "--data", "mmret.data.datamodule.RetrievalDataModule",
+        "--data.train", str(digits_root / "train"), "--data.samples_per_epoch", "32", "--data.batch_size", "16",
+        "--data.num_workers", "0", "--trainer.max_epochs", "1", "--trainer.accelerator", "cpu",
+        "--trainer.enable_progress_bar", "false", "--run_dir", str(run_dir),
+    ])  # fmt: skip
+    assert code == 0
+    return run_dir / "checkpoints" / "last.ckpt"

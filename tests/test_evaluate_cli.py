@@ -195,20 +195,6 @@ def test_eval_refuses_an_output_that_is_a_directory(digits_root, tmp_path, capsy
 
 # ---- end to end with a trained checkpoint -----------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def trained_checkpoint(tmp_path_factory, digits_root):
-    run_dir = tmp_path_factory.mktemp("eval_run")
-    code = main([
-        "fit", "--model", "mmret.modules.DualEncoder", "--model.model", "test-vit-micro",
-        "--model.warmup_steps", "1", "--data", "mmret.data.datamodule.RetrievalDataModule",
-        "--data.train", str(digits_root / "train"), "--data.samples_per_epoch", "32", "--data.batch_size", "16",
-        "--data.num_workers", "0", "--trainer.max_epochs", "1", "--trainer.accelerator", "cpu",
-        "--trainer.enable_progress_bar", "false", "--run_dir", str(run_dir),
-    ])  # fmt: skip
-    assert code == 0
-    return run_dir / "checkpoints" / "last.ckpt"
-
-
-@pytest.fixture(scope="module")
 def digits_results(trained_checkpoint, digits_root, tmp_path_factory):
     """`mmret eval` on the digits root (default split test, task auto), with one loader worker."""
     output = tmp_path_factory.mktemp("eval_out") / "digits.json"

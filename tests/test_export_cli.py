@@ -7,25 +7,10 @@ same embeddings; bad inputs are one line and exit 2.
 from __future__ import annotations
 
 import open_clip
-import pytest
 import torch
 
 from mmret.checkpoints import load_dual_encoder
 from mmret.cli import main
-
-
-@pytest.fixture(scope="module")
-def trained_checkpoint(tmp_path_factory, digits_root):
-    run_dir = tmp_path_factory.mktemp("export_run")
-    code = main([
-        "fit", "--model", "mmret.modules.DualEncoder", "--model.model", "test-vit-micro",
-        "--model.warmup_steps", "1", "--data", "mmret.data.datamodule.RetrievalDataModule",
-        "--data.train", str(digits_root / "train"), "--data.samples_per_epoch", "32", "--data.batch_size", "16",
-        "--data.num_workers", "0", "--trainer.max_epochs", "1", "--trainer.accelerator", "cpu",
-        "--trainer.enable_progress_bar", "false", "--run_dir", str(run_dir),
-    ])
-    assert code == 0
-    return run_dir / "checkpoints" / "last.ckpt"
 
 
 def test_export_round_trip_through_open_clip(trained_checkpoint, tmp_path):

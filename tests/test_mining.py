@@ -90,23 +90,10 @@ def test_mine_refuses_bad_arguments_with_one_line(tmp_path, capsys):
     assert not output.exists()
 
 
-@pytest.fixture(scope="module")
-def dual_checkpoint(tmp_path_factory, digits_root):
-    run_dir = tmp_path_factory.mktemp("mine_run")
-    assert main([
-        "fit", "--model", "mmret.modules.DualEncoder", "--model.model", "test-vit-micro", "--model.warmup_steps",
-        "1", "--data", "mmret.data.datamodule.RetrievalDataModule", "--data.train", str(digits_root / "train"),
-        "--data.samples_per_epoch", "32", "--data.batch_size", "16", "--data.num_workers", "0",
-        "--trainer.max_epochs", "1", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
-        "--trainer.limit_val_batches", "0", "--run_dir", str(run_dir),
-    ]) == 0  # fmt: skip
-    return run_dir / "checkpoints" / "last.ckpt"
-
-
 @pytest.mark.slow
-def test_mine_cli_writes_negatives_that_are_never_positives(dual_checkpoint, digits_root, tmp_path):
+def test_mine_cli_writes_negatives_that_are_never_positives(trained_checkpoint, digits_root, tmp_path):
     output = tmp_path / "mined.jsonl"
-    assert main(["mine", "--model", str(dual_checkpoint), "--data", str(digits_root), "--split", "val",
+    assert main(["mine", "--model", str(trained_checkpoint), "--data", str(digits_root), "--split", "val",
                  "--output", str(output), "--num-negatives", "3", "--range-max", "20", "--device", "cpu",
                  "--num-workers", "0"]) == 0  # fmt: skip
     header, records = read_mined_negatives(output)
