@@ -12,6 +12,7 @@ A sweep file:
       model.init_args.loss: [infonce, siglip]
       data.init_args.batch_size: [32, 128]
     seeds: [0, 1]                                # each point once per seed (seed_everything)
+    seed_key: [seed_everything, data.init_args.seed]   # optional: the config key(s) a seed sets
     max_parallel: 4                              # the array's `%` limit
     runs_root: runs/sweeps                       # run dirs: RUNS_ROOT/NAME/<loss=infonce,batch_size=32>/seed0
     wandb_project: mmret                         # optional: one W&B run per point, grouped by NAME
@@ -90,7 +91,7 @@ class Sweep:
     grid: dict[str, list]
     overrides: dict[str, object] = field(default_factory=dict)
     seeds: list[int | None] = field(default_factory=lambda: [None])
-    seed_key: str = "seed_everything"
+    seed_key: str | list[str] = "seed_everything"
     max_parallel: int = 4
     runs_root: Path = Path("runs/sweeps")
     wandb_project: str | None = None
@@ -122,7 +123,8 @@ class Sweep:
         for key, value in {**self.overrides, **point.values}.items():
             args += [f"--{key}", _text(value)]
         if point.seed is not None:
-            args += [f"--{self.seed_key}", str(point.seed)]
+            for key in [self.seed_key] if isinstance(self.seed_key, str) else self.seed_key:
+                args += [f"--{key}", str(point.seed)]
         args += ["--run_dir", str(point.run_dir)]
         if self.wandb_project:
             args += [
@@ -188,6 +190,12 @@ def load_sweep(path: Path) -> Sweep:
     seeds = raw.get("seeds", [None])
     if not isinstance(seeds, list) or not seeds:
         raise UsageError(f"sweep file {path}: `seeds` must be a non-empty list of integers")
+    seed_key = raw.get("seed_key", "seed_everything")
+    if not (
+        isinstance(seed_key, str)
+        or (isinstance(seed_key, list) and seed_key and all(isinstance(k, str) for k in seed_key))
+    ):
+        raise UsageError(f"sweep file {path}: `seed_key` must be a config key or a non-empty list of them")
     max_parallel = int(raw.get("max_parallel", 4))
     if max_parallel < 1:
         raise UsageError(f"sweep file {path}: `max_parallel` must be at least 1, got {max_parallel}")
@@ -199,7 +207,7 @@ def load_sweep(path: Path) -> Sweep:
         grid=grid,
         overrides=raw.get("overrides") or {},
         seeds=seeds,
-        seed_key=raw.get("seed_key", "seed_everything"),
+        seed_key=seed_key,
         max_parallel=max_parallel,
         runs_root=Path(raw.get("runs_root", "runs/sweeps")),
         wandb_project=raw.get("wandb_project"),

@@ -19,7 +19,11 @@ per seed) written by `mmret eval`, or the points of a sweep (`sweep:`), whose ru
     rows:
       - {name: InfoNCE, results: "runs/sweeps/x/loss=infonce/seed*/results.json"}
       - {name: SigLIP, results: ["runs/a/results.json", "runs/b/results.json"]}
+      - {name: SigLIP + rerank, results: "runs/b/results.json", source: reranked_metrics}
     # or, instead of rows: `sweep: experiments/sweeps/x.yaml` (one row per grid point, seeds averaged)
+
+A row's `source` replaces the columns' for that row: the same results files can be shown once as the first
+stage (`metrics`) and once reranked (`reranked_metrics`), as rows of one table.
 
 Relative paths are resolved against the working directory. Given results files on the command line instead of a
 spec, files whose paths differ only in a `seed<N>` directory form one row; the columns are `--metrics` (default:
@@ -69,10 +73,11 @@ class Column:
 
 @dataclass
 class Row:
-    """One row: the results files of its seeds."""
+    """One row: the results files of its seeds, and the results section to read (None: each column's)."""
 
     name: str
     files: list[Path]
+    source: str | None = None
 
 
 @dataclass
@@ -209,6 +214,9 @@ def _row(entry, path: Path, index: int) -> Row:
     if not isinstance(entry, dict) or "results" not in entry:
         raise UsageError(f"table spec {path}: row {index + 1} needs `results` (a glob or a list of them)")
     name = str(entry.get("name", f"row {index + 1}"))
+    source = entry.get("source")
+    if source is not None and source not in SOURCES:
+        raise UsageError(f"table spec {path}: row {name!r} has source {source!r}; expected one of {SOURCES}")
     patterns = entry["results"] if isinstance(entry["results"], list) else [entry["results"]]
     files: list[Path] = []
     for pattern in patterns:
@@ -216,7 +224,7 @@ def _row(entry, path: Path, index: int) -> Row:
         if not matches:
             raise UsageError(f"table spec {path}: row {name!r}: no results file matches {pattern}")
         files.extend(Path(m) for m in matches)
-    return Row(name=name, files=files)
+    return Row(name=name, files=files, source=source)
 
 
 def rows_from_sweep(sweep_path: Path) -> list[Row]:
@@ -299,12 +307,13 @@ def table_cells(spec: TableSpec) -> list[list[Cell]]:
         line = []
         for column in spec.columns:
             values = []
+            source = row.source or column.source
             for file in row.files:
                 results = cache.setdefault(file, _read_results(file))
-                metrics = results.get(column.source) or {}
+                metrics = results.get(source) or {}
                 if column.metric not in metrics:
                     raise UsageError(
-                        f"row {row.name!r}: {file} has no {column.source}[{column.metric!r}] "
+                        f"row {row.name!r}: {file} has no {source}[{column.metric!r}] "
                         f"(it has: {', '.join(sorted(metrics)[:12]) or 'nothing'})"
                     )
                 values.append(float(metrics[column.metric]) * spec.scale)

@@ -11,9 +11,15 @@ beside the CSV logger. It writes under `RUN_DIR/wandb/` and:
   varied values) group and tag it.
 - keeps one W&B run per run directory: the id is stored in `RUN_DIR/wandb_run.json` on the first start, and a
   resumed or requeued run continues it (`resume="allow"`).
+- at every validation, logs a table of retrieval examples (`val/examples`: text queries, the images ranked
+  first for them, whether each is correct; `ValidationExamplesToWandb`).
+
+`mmret eval --model RUN_DIR/checkpoints/last.ckpt ... --wandb-summary` (what slurm/train.sbatch runs at the end
+of a W&B-tracked job) sets the results JSON as that run's summary (`log_results_summary`).
 
 `read_offline_run(path)` decodes an offline run's transaction log (`run-ID.wandb`) with wandb's own protobuf
-record definitions, for tests and for checking what a run logged without uploading it.
+record definitions, for tests and for checking what a run logged without uploading it; `logged_table` reads a
+table (with its images) back from it.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ import os
 import secrets
 import string
 import struct
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -127,16 +135,174 @@ class DatasetInfoToWandb(Callback):
                 logger.experiment.config.update({"dataset_info": info}, allow_val_change=True)
 
 
-def log_results_summary(run_dir: str | Path, results: dict, project: str) -> None:
-    """Sets a finished evaluation's metrics (a Results JSON) as the summary of the run directory's W&B run."""
-    import wandb
+class ValidationExamplesToWandb(Callback):
+    """Logs what the dual encoder retrieves at each validation as a W&B table (`val/examples`) with images.
 
+    One row per text query: the first `num_queries` val captions in caption-hash order (the queries of
+    `mmret eval`'s examples picture: fixed for a data set, so the rows compare across steps), the `top_k`
+    images the model ranks first for it over the whole val set (`wandb.Image`, captioned with rank, cosine
+    score and ✓ when the caption was written for that image), their sample ids, whether each is correct, and
+    how many correct images the top `top_k` holds. The ranking is that of the validation metrics: the module's
+    gathered `last_val_eval_set`. Images are read back from the val shards by key on rank 0; every rank sends
+    it the keys and captions of the batches it saw (a collective, run on every rank).
+
+    Args:
+        num_queries: rows per table.
+        top_k: images per row.
+    """
+
+    def __init__(self, num_queries: int = 8, top_k: int = 5) -> None:
+        self.num_queries = num_queries
+        self.top_k = top_k
+        self._keys: dict[int, str] = {}
+        self._captions: dict[int, str] = {}
+
+    @staticmethod
+    def _wandb_loggers(trainer: Trainer) -> list:
+        from lightning.pytorch.loggers import WandbLogger
+
+        return [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._keys, self._captions = {}, {}
+
+    def on_validation_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs,
+        batch,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        from mmret.evaluation.retrieval import caption_hash
+
+        if not self._wandb_loggers(trainer) or "key" not in batch:
+            return
+        for sample_id, key, captions in zip(batch["sample_id"].tolist(), batch["key"], batch["captions"]):
+            self._keys[int(sample_id)] = key
+            self._captions.update((caption_hash(caption), caption) for caption in captions)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        loggers = self._wandb_loggers(trainer)
+        eval_set = getattr(pl_module, "last_val_eval_set", None)
+        if not loggers or eval_set is None or trainer.sanity_checking:
+            return
+        keys: dict[int, str] = {}
+        captions: dict[int, str] = {}
+        for rank in range(trainer.world_size):  # collective: rank by rank, its keys and captions to everyone
+            rank_keys, rank_captions = trainer.strategy.broadcast((self._keys, self._captions), src=rank)
+            keys.update(rank_keys)
+            captions.update(rank_captions)
+        self._keys, self._captions = {}, {}
+        if not trainer.is_global_zero or eval_set.num_images == 0:
+            return
+        query_captions = eval_set.captions
+        if query_captions is None:  # an eval set without its strings: the batches' captions, in its order
+            if len(captions) != eval_set.num_texts:
+                print(
+                    f"mmret: val/examples not logged: {len(captions)} captions seen, {eval_set.num_texts} "
+                    "queries in the validation set",
+                    file=sys.stderr,
+                )
+                return
+            query_captions = [captions[h] for h in sorted(captions)]  # caption-hash order, as the queries
+        datamodule = trainer.datamodule
+        sources = datamodule.sources("val") if hasattr(datamodule, "sources") else []  # none: blank images
+        columns, rows = self.table(eval_set, query_captions, keys, sources)
+        rows = [[trainer.global_step, *row] for row in rows]
+        for logger in loggers:
+            logger.log_table("val/examples", columns=["step", *columns], data=rows, step=trainer.global_step)
+
+    def table(self, eval_set, query_captions: list[str], keys: dict[int, str], sources) -> tuple[list, list]:
+        """The table's columns (without `step`) and rows for the first queries of an `EmbeddedEvalSet`."""
+        import wandb
+        from PIL import Image
+
+        from mmret.evaluation.evaluate_cli import read_images
+        from mmret.evaluation.retrieval import top_k_candidates
+
+        queries = list(range(min(self.num_queries, eval_set.num_texts)))
+        top = top_k_candidates(eval_set.text_emb[queries], eval_set.image_emb, self.top_k)  # [Q, k]
+        image_ids = eval_set.image_ids.tolist()
+        wanted = {image_ids[index] for index in top.indices.flatten().tolist()}
+        images = read_images(sources, {image_id: keys[image_id] for image_id in wanted if image_id in keys})
+        k = top.indices.shape[1]
+        columns = ["query", "top1_correct", "correct_in_top_k", *[f"top{r}" for r in range(1, k + 1)]]
+        columns += ["top_ids", "correct"]
+        rows = []
+        for row, query in enumerate(queries):
+            ranked = [image_ids[index] for index in top.indices[row].tolist()]
+            correct = [image_id in eval_set.text_relevant[query] for image_id in ranked]
+            cells = [
+                wandb.Image(
+                    images.get(image_id) or Image.new("RGB", (8, 8), "white"),
+                    caption=f"#{rank + 1} {score:.3f}{' ✓' if ok else ''}",
+                )
+                for rank, (image_id, score, ok) in enumerate(zip(ranked, top.scores[row].tolist(), correct))
+            ]
+            rows.append([
+                query_captions[query], correct[0], sum(correct), *cells,
+                " ".join(str(image_id) for image_id in ranked), "".join("✓" if ok else "✗" for ok in correct),
+            ])  # fmt: skip
+        return columns, rows
+
+
+def run_dir_of_checkpoint(checkpoint: str | Path) -> Path:
+    """The run directory of a checkpoint written by `mmret fit` (RUN_DIR/checkpoints/NAME.ckpt)."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+
+
+def check_results_summary_target(checkpoint: str | Path) -> Path:
+    """The run directory whose W&B run `log_results_summary` would update; UsageError when it has none."""
+    from mmret.errors import UsageError
+
+    run_dir = run_dir_of_checkpoint(checkpoint)
+    if not (run_dir / RUN_ID_FILE).is_file():
+        raise UsageError(
+            f"--wandb-summary: {run_dir} has no {RUN_ID_FILE}; expected the checkpoint of a run trained with "
+            "`mmret fit --wandb_project P` (RUN_DIR/checkpoints/*.ckpt)"
+        )
+    return run_dir
+
+
+def log_results_summary(run_dir: str | Path, results: dict, project: str | None = None) -> str:
+    """Sets a finished evaluation (a Results JSON) as the summary of the run directory's W&B run.
+
+    The summary gets `SPLIT/METRIC` for every metric (`test/image_retrieval_recall@1`, ...), `SPLIT/reranked/
+    METRIC` for reranked ones, and the whole document under `results`. The project is the run's
+    `wandb_project` (from RUN_DIR/config.yaml) unless given. Returns the W&B run id.
+    """
+    import wandb
+    import yaml
+
+    run_dir = Path(run_dir)
+    if project is None:
+        config = (
+            yaml.safe_load((run_dir / "config.yaml").read_text())
+            if (run_dir / "config.yaml").is_file()
+            else {}
+        )
+        project = (config or {}).get("wandb_project") or "mmret"
     os.environ.setdefault("WANDB_MODE", wandb_mode())
-    run = wandb.init(project=project, id=run_id_for(run_dir), resume="allow", dir=str(run_dir))
-    for key in ("metrics", "reranked_metrics"):
-        for metric, value in (results.get(key) or {}).items():
-            run.summary[f"{'test' if key == 'metrics' else 'test_reranked'}/{metric}"] = value
-    run.finish()
+    split = ((results.get("config") or {}).get("eval") or {}).get("split") or "eval"
+    run = wandb.init(
+        project=project,
+        id=run_id_for(run_dir),
+        resume="allow",
+        dir=str(run_dir),
+        settings=wandb.Settings(console="off", silent=True),
+    )
+    try:
+        for metric, value in (results.get("metrics") or {}).items():
+            run.summary[f"{split}/{metric}"] = value
+        for metric, value in (results.get("reranked_metrics") or {}).items():
+            run.summary[f"{split}/reranked/{metric}"] = value
+        run.summary["results"] = json.loads(json.dumps(results, default=str))
+        return run.id
+    finally:
+        run.finish()
 
 
 # ---------------------------------------------------------------------------------------------- reading runs back
@@ -153,6 +319,12 @@ class OfflineRun:
     config: dict
     history: list[dict] = field(default_factory=list)
     summary: dict = field(default_factory=dict)
+    # client id -> {path in the artifact: local file} of every artifact the run logged (W&B logs a table
+    # with images as a run artifact whose files stay in its staging directory until `wandb sync`)
+    artifacts: dict[str, dict[str, str]] = field(default_factory=dict)
+    # the run's exit code once its exit record is written (W&B writes the log asynchronously: a run whose
+    # process just ended may not have it yet)
+    exit_code: int | None = None
 
 
 _BLOCK = 32768
@@ -185,8 +357,30 @@ def _log_payloads(data: bytes):
             pending = b""
 
 
-def read_offline_run(path: str | Path) -> OfflineRun:
-    """Decodes `run-ID.wandb` (or the offline-run directory holding it) with wandb's protobuf `Record`."""
+def read_offline_run(path: str | Path, timeout: float = 0.0) -> OfflineRun:
+    """Decodes `run-ID.wandb` (or the offline-run directory holding it) with wandb's protobuf `Record`.
+
+    Args:
+        path: the transaction log or its offline-run directory.
+        timeout: wait up to this many seconds for the log to be complete (its exit record written; W&B's
+            service writes it asynchronously, after the run's process may have ended).
+    """
+    from google.protobuf.message import DecodeError
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            run = _read_offline_run(Path(path))
+        except (ValueError, StopIteration, DecodeError):  # no log yet, no run record yet, a record cut short
+            if time.monotonic() >= deadline:
+                raise
+            run = None
+        if run is not None and (run.exit_code is not None or time.monotonic() >= deadline):
+            return run
+        time.sleep(0.2)
+
+
+def _read_offline_run(path: Path) -> OfflineRun:
     from wandb.proto import wandb_internal_pb2
 
     path = Path(path)
@@ -215,7 +409,30 @@ def read_offline_run(path: str | Path) -> OfflineRun:
         elif kind == "summary" and run is not None:
             for item in record.summary.update:
                 run.summary[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+        elif kind == "exit" and run is not None:
+            run.exit_code = record.exit.exit_code
+        elif kind == "artifact" and run is not None:
+            files = {entry.path: entry.local_path for entry in record.artifact.manifest.contents}
+            run.artifacts[record.artifact.client_id] = files
     if run is None:
         raise ValueError(f"{path} holds no run record")
     run.config = config
     return run
+
+
+def logged_table(run: OfflineRun, row: dict, key: str) -> tuple[list[str], list[list]]:
+    """The columns and rows of the table logged under `key` in a history `row` of an offline run.
+
+    Image cells are W&B's image references with `local_path` added: the PNG file the run wrote.
+    """
+    reference = row[f"{key}/artifact_path"]  # wandb-client-artifact://CLIENT_ID/PATH
+    client_id, _, path = reference.removeprefix("wandb-client-artifact://").partition("/")
+    files = run.artifacts[client_id]
+    table = json.loads(Path(files[path]).read_text())
+
+    def cell(value):
+        if isinstance(value, dict) and value.get("_type") == "image-file":
+            return {**value, "local_path": files[value["path"]]}
+        return value
+
+    return table["columns"], [[cell(value) for value in data_row] for data_row in table["data"]]

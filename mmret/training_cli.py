@@ -73,6 +73,7 @@ class RunInfo(Callback):
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "git_commit": git_commit(),
             "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            "slurm_array_job_id": os.environ.get("SLURM_ARRAY_JOB_ID"),
             "slurm_array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID"),
             "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT"),
             "host": socket.gethostname(),
@@ -140,12 +141,20 @@ class PreemptionCheckpoint(Callback):
     Lightning's own SLURM handler saves an `hpc_ckpt` from inside the signal handler, possibly half-way through
     an optimizer step; waiting for the batch to end keeps the resumed run identical to an uninterrupted one.
     The ranks agree (any rank signalled -> all stop) through the strategy's boolean reduction.
+
+    The checkpoint is written at the end of the batch; the process leaves at the start of the next batch or at
+    the epoch's end, after Lightning has handed that batch's metrics to the loggers (metrics.csv and W&B keep
+    the last step) and after a validation due right after that batch: a resumed run never repeats it (Lightning
+    fast-forwards past a validation that follows the checkpointed batch), so this is the only chance to record
+    it. The checkpoint is on disk before that validation starts; SLURM's warning (`--signal=B:USR1@90` in
+    slurm/train.sbatch) should leave time for one batch and one validation.
     """
 
     def __init__(self, run_dir: str, signum: int = signal.SIGUSR1) -> None:
         self.last = Path(run_dir) / "checkpoints" / "last.ckpt"
         self.signum = signum
         self.requested = False
+        self.saved_at_step: int | None = None
         self._previous = None
 
     def _request(self, signum, frame) -> None:
@@ -155,20 +164,76 @@ class PreemptionCheckpoint(Callback):
         self._previous = signal.signal(self.signum, self._request)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if self.saved_at_step is not None:
+            return
         if not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
             return
         trainer.save_checkpoint(self.last)
+        self.saved_at_step = trainer.global_step
         if trainer.is_global_zero:
             print(f"mmret: preempted at step {trainer.global_step}; saved {self.last}", file=sys.stderr, flush=True)
+
+    def _leave(self, trainer: Trainer) -> None:
+        if self.saved_at_step is None:
+            return
         for logger in trainer.loggers:
             logger.finalize("preempted")
         trainer.strategy.barrier("mmret-preempted")
         raise SystemExit(PREEMPTED_EXIT_CODE)
 
+    def on_train_batch_start(self, trainer: Trainer, pl_module, batch, batch_idx: int) -> None:
+        self._leave(trainer)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._leave(trainer)
+
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self._previous is not None:
             signal.signal(self.signum, self._previous)
             self._previous = None
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint (every N steps) that also keeps `last.ckpt` current at the end of every
+    training epoch and when training ends.
+
+    ModelCheckpoint saves either every N steps or every N epochs, and at the end of training only when it has
+    saved nothing yet; so last.ckpt could lag up to N steps behind the finished run, and a restart of that run
+    (a requeued job, a resubmitted sweep) would redo those steps instead of finding it done.
+    """
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        self._save_last_if_behind(trainer)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        self._save_last_if_behind(trainer)
+
+    def _save_last_if_behind(self, trainer: Trainer) -> None:
+        if not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class ResumedTrainLoader(Callback):
+    """Rebuilds a resumed run's train loader once Lightning has restored where training was.
+
+    A module that asks for `trainer.estimated_stepping_batches` in `configure_optimizers` (DualEncoder's LR
+    schedule does) makes Lightning build the train loader and start iterating it during strategy setup, before
+    the checkpoint's loop state is restored: that loader streams epoch 0 from its first batch and never receives
+    the saved position (`{"epoch", "batches_seen"}`), so the resumed epoch would replay the samples of epoch 0.
+    At `on_train_start` the loop state is in place; building the loader again there lets Lightning hand it the
+    saved position, and it streams the right epoch (see mmret.data.loaders.TrainLoader).
+    """
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        fit_loop = trainer.fit_loop
+        if trainer.ckpt_path is None or fit_loop._combined_loader is None:
+            return
+        if fit_loop._data_fetcher is not None:
+            fit_loop._data_fetcher.teardown()  # stops the workers of the stale iterator
+        fit_loop._combined_loader = None
+        fit_loop.setup_data()
 
 
 class MMRetCLI(LightningCLI):
@@ -219,7 +284,7 @@ class MMRetCLI(LightningCLI):
         callbacks = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
         callbacks.append(RunInfo(run_dir))
         if self.subcommand == "fit":
-            callbacks.append(ModelCheckpoint(
+            callbacks.append(RunCheckpoint(
                 dirpath=os.path.join(run_dir, "checkpoints"),
                 filename="step{step:07d}",
                 auto_insert_metric_name=False,
@@ -230,6 +295,7 @@ class MMRetCLI(LightningCLI):
             ))
             callbacks.append(LearningRateMonitor(logging_interval="step"))
             callbacks.append(PreemptionCheckpoint(run_dir))
+            callbacks.append(ResumedTrainLoader())
         plugins = trainer_config.get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, TorchCheckpointIO) for p in plugins):
@@ -241,12 +307,13 @@ class MMRetCLI(LightningCLI):
         if trainer_config.get("logger") in (None, True):
             loggers = [ResumableCSVLogger(save_dir=run_dir, name="", version="")]
             if cfg.get("wandb_project"):
-                from mmret.tracking import DatasetInfoToWandb, build_wandb_logger
+                from mmret.tracking import DatasetInfoToWandb, ValidationExamplesToWandb, build_wandb_logger
 
                 loggers.append(build_wandb_logger(
                     run_dir, cfg.wandb_project, _plain_config(cfg), name=cfg.get("wandb_name"),
                     group=cfg.get("wandb_group"), tags=cfg.get("wandb_tags")))
                 callbacks.append(DatasetInfoToWandb())
+                callbacks.append(ValidationExamplesToWandb())
             trainer_config["logger"] = loggers
         return self._instantiate_trainer(trainer_config, callbacks)
 

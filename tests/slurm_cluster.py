@@ -38,12 +38,21 @@ class SlurmCluster:
             raise RuntimeError(f"{' '.join(command)} failed: {done.stderr}")
         return done
 
-    def job_state(self, job_id: str) -> str:
+    def job_field(self, job_id: str, name: str) -> str | None:
+        """One `Name=value` field of `scontrol show job` (the first array task's for an array), None if absent."""
         out = self.run("scontrol", "show", "job", job_id, check=False).stdout
         for field in out.split():
-            if field.startswith("JobState="):
+            if field.startswith(f"{name}="):
                 return field.split("=", 1)[1]
-        return "UNKNOWN"
+        return None
+
+    def job_state(self, job_id: str) -> str:
+        return self.job_field(job_id, "JobState") or "UNKNOWN"
+
+    def array_states(self, job_id: str) -> list[str]:
+        """The JobState of every task of a job array (one entry for a plain job)."""
+        out = self.run("scontrol", "show", "job", job_id, check=False).stdout
+        return [field.split("=", 1)[1] for field in out.split() if field.startswith("JobState=")]
 
     def wait_for(self, job_id: str, states: tuple[str, ...], timeout: float) -> str:
         deadline = time.time() + timeout

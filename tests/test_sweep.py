@@ -89,10 +89,21 @@ def test_point_files_are_what_the_sbatch_script_reads(sweep_file):
     assert args[-1] == b"" and [a.decode() for a in args[:-1]] == sweep.points()[3].args
 
 
+def test_a_seed_can_set_several_keys(sweep_file):
+    sweep_file.write_text(SWEEP + "seed_key: [seed_everything, data.init_args.seed]\n")
+    args = load_sweep(sweep_file).points()[1].args  # seed 1
+    pairs = dict(zip(args[2::2], args[3::2]))
+    assert pairs["--seed_everything"] == pairs["--data.init_args.seed"] == "1"
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
         ("name: x\n", "needs `experiment`"),
+        (
+            f"name: x\nexperiment: {REPO}/experiments/digits_clip.yaml\ngrid: {{a: [1]}}\nseed_key: []\n",
+            "seed_key",
+        ),
         (f"name: x\nexperiment: {REPO}/experiments/digits_clip.yaml\ngrid: {{a: []}}\n", "non-empty list"),
         ("name: x\nexperiment: nope.yaml\ngrid: {a: [1]}\n", "experiment nope.yaml does not exist"),
         ("name: x\nexperiment: e\ngrid: {a: [1]}\nsed: [1]\n", "unknown keys ['sed']"),

@@ -1,4 +1,5 @@
-"""`mmret table` against a hand-made set of results files: exact markdown and LaTeX, seeds, bold, errors.
+"""`mmret table` against a hand-made set of results files: exact markdown and LaTeX, seeds, bold, errors; every
+shipped table spec renders from the runs of its sweep.
 
 .venv/bin/pytest tests/test_tables.py -q
 """
@@ -9,8 +10,13 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from mmret.cli import main
+from mmret.sweep import load_sweep
+from mmret.tables import load_table_spec
+
+REPO = Path(__file__).resolve().parents[1]
 
 SPEC = """\
 title: Loss on digits
@@ -152,10 +158,22 @@ def test_ties_after_rounding_are_all_bold(results_dir, capsys):
     assert lines[2].endswith("| **50.0** |") and lines[3].endswith("| **50.0** |")
 
 
+def test_a_row_can_read_the_reranked_metrics_of_the_same_files(results_dir, capsys):
+    (results_dir / "rerank.yaml").write_text(
+        "columns: [{name: R@1, metric: image_retrieval_recall@1}]\n"
+        "rows:\n"
+        "  - {name: dual, results: runs/siglip/results.json}\n"
+        "  - {name: + rerank, results: runs/siglip/results.json, source: reranked_metrics}\n"
+    )
+    assert main(["table", "rerank.yaml"]) == 0
+    assert capsys.readouterr().out.splitlines()[2:] == ["| dual | 45.0 |", "| + rerank | **65.0** |"]
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["table", "missing.yaml"], "table spec missing.yaml does not exist"),
+        (["table", "source.yaml"], "row 'x' has source 'first_stage'; expected one of"),
         (["table", "runs/nothing.json"], "results file runs/nothing.json does not exist"),
         (["table", "runs/siglip/results.json", "--metrics", "acc1"], "has no metrics['acc1']"),
         (["table", "bad.yaml"], "row 'x': no results file matches runs/none/*.json"),
@@ -163,7 +181,45 @@ def test_ties_after_rounding_are_all_bold(results_dir, capsys):
 )
 def test_bad_input_is_one_line_exit_2(results_dir, capsys, argv, message):
     (results_dir / "bad.yaml").write_text("columns: [acc1]\nrows: [{name: x, results: runs/none/*.json}]\n")
+    (results_dir / "source.yaml").write_text(
+        "columns: [acc1]\nrows: [{name: x, results: runs/siglip/results.json, source: first_stage}]\n"
+    )
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not (results_dir / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "spec_path", sorted((REPO / "experiments" / "tables").glob("*.yaml")), ids=lambda path: path.stem
+)
+def test_shipped_table_spec_renders_from_its_runs(spec_path, tmp_path, monkeypatch, capsys):
+    """Results files where the spec's sweep (experiments/sweeps/<same name>.yaml) or its rows put them: every
+    sweep point lands in exactly one row, and the table renders in both formats."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "experiments").symlink_to(REPO / "experiments")
+    raw = yaml.safe_load(spec_path.read_text())
+    metrics = [column["metric"] for column in raw["columns"]]
+
+    def write(path: Path, value: float) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        values = {metric: value for metric in metrics}
+        path.write_text(json.dumps({"task": "retrieval", "metrics": values, "reranked_metrics": values}))
+        return path
+
+    sweep_path = Path("experiments/sweeps") / spec_path.name
+    if sweep_path.is_file():
+        points = load_sweep(sweep_path).points()
+        written = {write(p.run_dir / "results.json", i / len(points)) for i, p in enumerate(points)}
+    else:  # one file per glob of each row (seed0 for seed*)
+        patterns = [pattern for row in raw["rows"] for pattern in (row["results"] if isinstance(row["results"], list) else [row["results"]])]  # fmt: skip
+        written = {write(Path(pattern.replace("*", "0")), 0.5) for pattern in patterns}
+    spec = load_table_spec(Path("experiments/tables") / spec_path.name)
+    used = [file for row in spec.rows for file in row.files]
+    assert sorted(map(str, set(used))) == sorted(map(str, written))
+    if sweep_path.is_file():
+        assert len(used) == len(written), "a sweep point is in two rows"
+    for fmt in ("markdown", "latex"):
+        assert main(["table", str(Path("experiments/tables") / spec_path.name), "--format", fmt]) == 0
+        out = capsys.readouterr().out
+        assert all(row.name.split(",")[0] in out for row in spec.rows)

@@ -1,4 +1,5 @@
-"""W&B tracking: an offline run read back with wandb's protobuf records; a resumed run keeps its W&B run id.
+"""W&B tracking: an offline run read back with wandb's protobuf records; a resumed run keeps its W&B run id;
+validation retrieval examples are a W&B table with images; `mmret eval --wandb-summary` sets the run summary.
 
 .venv/bin/pytest tests/test_tracking.py -q
 """
@@ -12,8 +13,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
-from mmret.tracking import read_offline_run, run_id_for, wandb_mode
+from mmret.cli import main
+from mmret.data.samples import SkipCounter, decode_sample, iter_shard
+from mmret.evaluation.retrieval import caption_hash
+from mmret.tracking import logged_table, read_offline_run, run_id_for, wandb_mode
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,6 +84,7 @@ def test_run_id_is_created_once_and_only_on_rank_zero(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_offline_run_logs_config_metrics_and_resume_keeps_the_id(tmp_path, digits_root):
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", "SLURM_JOB_ID": "4242"}
+    env["WANDB_DATA_DIR"] = str(tmp_path / "wandb_data")  # W&B stages a table's files here until a sync
     for key in ("SLURM_NTASKS", "SLURM_PROCID", "RANK", "LOCAL_RANK"):
         env.pop(key, None)
     run_dir = tmp_path / "run"
@@ -96,7 +102,7 @@ def test_offline_run_logs_config_metrics_and_resume_keeps_the_id(tmp_path, digit
     offline = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(offline) == 2 and all(path.name.endswith(run_id) for path in offline)
 
-    first, resumed = (read_offline_run(path) for path in offline)
+    first, resumed = (read_offline_run(path, timeout=60) for path in offline)
     assert first.run_id == resumed.run_id == run_id
     assert (first.project, first.group, first.tags) == ("mmret-test", "sweep-x", ["lr=0.001", "seed=0"])
     config = first.config
@@ -109,3 +115,56 @@ def test_offline_run_logs_config_metrics_and_resume_keeps_the_id(tmp_path, digit
     steps = [row["trainer/global_step"] for row in resumed.history if "train/loss" in row]
     assert len(losses) == 4 and min(steps) >= 2  # 2 steps per epoch; the resumed run starts at step 2
     assert any("val/image_retrieval_recall@1" in row for row in resumed.history)
+
+    # Validation retrieval examples: a W&B table with images. Validation saw the first batch of 32 val samples.
+    val_shard = iter_shard(digits_root / "val" / "00000.tar", SkipCounter())
+    captions_of = {sample["sample_id"]: sample["captions"] for sample in map(decode_sample, val_shard)}
+    captions_of = dict(list(captions_of.items())[:32])
+    logged = [row for run in (first, resumed) for row in run.history if "val/examples/artifact_path" in row]
+    assert [row["trainer/global_step"] for row in logged] == [2, 4]  # one table per validation
+    columns, rows = logged_table(resumed, logged[-1], "val/examples")
+    assert columns == [
+        "step", "query", "top1_correct", "correct_in_top_k", "top1", "top2", "top3", "top4", "top5", "top_ids",
+        "correct",
+    ]  # fmt: skip
+    # The queries: the first 8 of the validated captions in caption-hash order (fixed for a data set).
+    all_captions = {caption for captions in captions_of.values() for caption in captions}
+    assert [row[1] for row in rows] == sorted(all_captions, key=caption_hash)[:8]
+    for step, query, top1_correct, found, *images, top_ids, correct in rows:
+        ids = [int(image_id) for image_id in top_ids.split()]
+        relevant = [query in captions_of[image_id] for image_id in ids]  # written for that image?
+        assert step == 4 and len(ids) == 5
+        marks = "".join("✓" if is_relevant else "✗" for is_relevant in relevant)
+        assert (top1_correct, found, correct) == (relevant[0], sum(relevant), marks)
+        scores = [float(image["caption"].split()[1]) for image in images]
+        assert scores == sorted(scores, reverse=True)
+        for rank, (image, is_relevant) in enumerate(zip(images, relevant)):
+            assert image["caption"].startswith(f"#{rank + 1} ")
+            assert image["caption"].endswith("✓") == is_relevant
+            assert (image["width"], image["height"]) == (64, 64)  # the shard's image, not a placeholder
+            with Image.open(image["local_path"]) as png:
+                assert png.size == (64, 64)
+
+    # `mmret eval --wandb-summary`: the results JSON becomes the summary of the same W&B run.
+    results_path = tmp_path / "results.json"
+    argv = ["eval", "--model", str(run_dir / "checkpoints" / "last.ckpt"), "--data", str(digits_root)]
+    argv += ["--num-workers", "0", "--output", str(results_path), "--wandb-summary"]
+    assert main(argv) == 0
+    results = json.loads(results_path.read_text())
+    offline = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline) == 3
+    summary = read_offline_run(offline[-1], timeout=60)
+    assert summary.run_id == run_id
+    assert {key: summary.summary[f"test/{key}"] for key in results["metrics"]} == results["metrics"]
+    assert summary.summary["results"]["num_images"] == results["num_images"] == 300  # digits test split
+
+
+def test_wandb_summary_needs_a_tracked_run(tmp_path, digits_root, capsys):
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"not read: the run is checked first")
+    argv = ["eval", "--model", str(checkpoint), "--data", str(digits_root), "--wandb-summary"]
+    assert main([*argv, "--output", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err
+    assert "has no wandb_run.json" in err and err.count("\n") == 1
+    assert not (tmp_path / "r.json").exists()

@@ -23,7 +23,8 @@ name and renamed, so none is ever half-written):
 The JSON is written last, so its presence means the run completed. With `--reranker CKPT --top-k K` (a
 cross-encoder) each query's first-stage top-K is rescored (`mmret.evaluation.rerank`), optionally fused with the
 first-stage score (`--fusion W`); the JSON then also holds "reranked_metrics", "top_k": K and
-"first_stage_ceiling" (the first stage's recall@K: what no reranker of those lists can exceed).
+"first_stage_ceiling" (the first stage's recall@K: what no reranker of those lists can exceed). With
+`--wandb-summary` the results also become the summary of the checkpoint's W&B run (`mmret.tracking`).
 """
 
 from __future__ import annotations
@@ -80,6 +81,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--top-k", type=int, default=20, help="candidates per query the reranker rescores")
     parser.add_argument(
+        "--wandb-summary",
+        action="store_true",
+        help="also set the results as the summary of the W&B run of the checkpoint's run directory "
+        "(RUN_DIR/wandb_run.json, written by `mmret fit --wandb_project P`); offline unless logged in",
+    )
+    parser.add_argument(
         "--fusion",
         type=float,
         default=0.0,
@@ -92,6 +99,10 @@ def run(args: argparse.Namespace) -> int:
     check_numbers(args)
     data_path = resolve_data_path(args.data, args.split)
     device = resolve_device(args.device)
+    if getattr(args, "wandb_summary", False):
+        from mmret.tracking import check_results_summary_target
+
+        check_results_summary_target(args.model)  # before any work: a run without W&B is a usage error
 
     from mmret.checkpoints import load_dual_encoder
     from mmret.data.datamodule import RetrievalDataModule
@@ -139,6 +150,11 @@ def run(args: argparse.Namespace) -> int:
     pictures = write_pictures(eval_set, sources, keys, stem, args, title=f"{args.model} on {data_path}")
     results["pictures"] = [str(path) for path in pictures]
     write_json_atomic(output, results)  # last: a results file means a complete run
+    if getattr(args, "wandb_summary", False):
+        from mmret.tracking import log_results_summary, run_dir_of_checkpoint
+
+        run_id = log_results_summary(run_dir_of_checkpoint(args.model), results)
+        print(f"set the results as the summary of W&B run {run_id}")
 
     shown = [key for key in ("image_retrieval_recall@1", "text_retrieval_recall@1", "acc1") if key in metrics]
     summary = ", ".join(f"{key}={metrics[key]:.4f}" for key in shown)

@@ -148,6 +148,9 @@ class DualEncoder(LightningModule):
         self.automatic_optimization = gradcache_chunk_size is None
         self._tokenizer = None
         self._val_embedder: EvalSetEmbedder | None = None
+        # The last validation's embedded set (every rank holds the gathered whole), for callbacks that show
+        # what the model retrieves (mmret.tracking.ValidationExamplesToWandb).
+        self.last_val_eval_set = None
 
     # ---- network -----------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -280,6 +283,7 @@ class DualEncoder(LightningModule):
     def on_validation_epoch_end(self) -> None:
         eval_set = self._val_embedder.finish()  # collective: every rank gets here, with or without batches
         self._val_embedder = None
+        self.last_val_eval_set = eval_set
         if eval_set.num_images == 0:
             return
         class_names, templates = self._class_names_and_templates()
