@@ -1,72 +1,645 @@
-"""Run the pipeline on the built-in offline data: `mmret demo [--output DIR] [--quick]`.
+"""Run the whole pipeline on the built-in offline data and print one results table: `mmret demo`.
 
-This stage covers the data: it builds the `digits` and `shapes` datasets under DIR/data (once; later runs
-reuse them), streams one training batch of each through `RetrievalDataModule` and prints what the models
-will receive — tensor shapes and a few captions. Later stages extend it to training, mining, evaluation
-and a results table.
+    mmret demo                          # ~7 min on 2 CPU cores; writes demo_output/
+    mmret demo --output DIR --quick     # ~30 s: tiny models, a few steps (the tests' and notebooks' form)
 
-    mmret demo --output demo_output --quick     # ~10 s on a laptop CPU, no worker processes
+Eight stages, each the same code as its `mmret` command (run in this process, with the arguments printed so you
+can run it yourself): build `digits` and `shapes` (`mmret datasets`), train a dual encoder on digits
+(`mmret fit -c experiments/demo/digits_dual.yaml`) and evaluate its zero-shot accuracy (`mmret eval`), train
+one on shapes and evaluate retrieval with seen and unseen compositions apart, mine hard negatives with it
+(`mmret mine`), train the cross-encoder reranker on its towers, and evaluate retrieve-then-rerank
+(`mmret eval --reranker`). The table goes to stdout and to DIR/results.md, beside the PNGs that eval draws.
+
+Settings live in files, not here: experiments/demo/pipeline.yaml (evaluation, mining, the `--quick` form,
+expected durations) and the three LightningCLI recipes beside it. Re-running reuses what is done: a stage is
+skipped when its output exists and DIR/.demo/<stage>.json records the same settings (the command, the recipe's
+content, the settings of the stages it reads from); an interrupted training stage resumes from its last.ckpt.
+Every output appears atomically (datasets, checkpoints, results, this module's own files). The seeds are in the
+recipes and pipeline.yaml, so the same settings give the same numbers (on the same machine and thread count: the
+demo leaves one core to the data loader, see `compute_threads`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
+import importlib
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import textwrap
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-from mmret.data.datamodule import RetrievalDataModule
+import yaml
+from lightning.pytorch import Callback
 
-DEMO_DATASETS = ("digits", "shapes")
+from mmret.errors import UsageError
+
+PIPELINE = Path(__file__).resolve().parents[1] / "experiments" / "demo" / "pipeline.yaml"
+MARKERS = ".demo"  # DIR/.demo/<stage>.json: what each finished stage ran
+DATASETS = ("digits", "shapes")
+INDENT = "      "
 
 
+@dataclass(frozen=True)
+class Stage:
+    """One step of the demo: the key of its settings in pipeline.yaml, what it does, the stages it reads."""
+
+    name: str
+    title: str
+    needs: tuple[str, ...] = ()
+
+
+STAGES = (
+    Stage("datasets", "building the digits and shapes datasets"),
+    Stage("digits_dual", "training the digits dual encoder", ("datasets",)),
+    Stage("digits_eval", "evaluating zero-shot classification on digits", ("digits_dual",)),
+    Stage("shapes_dual", "training the shapes dual encoder", ("datasets",)),
+    Stage("shapes_eval", "evaluating retrieval on shapes (seen and unseen compositions)", ("shapes_dual",)),
+    Stage("mine", "mining hard negatives with the shapes dual encoder", ("shapes_dual",)),
+    Stage("reranker", "training the reranker on the shapes dual encoder's towers", ("shapes_dual", "mine")),
+    Stage("rerank_eval", "evaluating retrieve-then-rerank on shapes", ("shapes_dual", "reranker")),
+)
+
+# Where each stage writes, relative to DIR ({output} in commands).
+RUN_DIRS = {
+    "digits_dual": "runs/digits_dual",
+    "shapes_dual": "runs/shapes_dual",
+    "reranker": "runs/shapes_reranker",
+}
+RESULTS = {
+    "digits_eval": "digits_zeroshot.json",
+    "shapes_eval": "shapes_retrieval.json",
+    "rerank_eval": "shapes_rerank.json",
+}
+MINED = "mined/shapes.jsonl"
+
+
+def checkpoint(stage: str) -> str:
+    """`{output}/runs/.../checkpoints/last.ckpt` of a training stage."""
+    return f"{{output}}/{RUN_DIRS[stage]}/checkpoints/last.ckpt"
+
+
+# ---- settings -------------------------------------------------------------------------------------------------
+def load_settings(path: str | Path, quick: bool) -> dict:
+    """pipeline.yaml, with its `quick:` section merged over it when `quick`."""
+    path = Path(path)
+    try:
+        settings = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise UsageError(
+            f"--pipeline {path}: cannot read it ({err.strerror}); expected a demo pipeline YAML"
+        ) from None
+    except yaml.YAMLError as err:
+        raise UsageError(f"--pipeline {path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(settings, dict):
+        raise UsageError(f"--pipeline {path}: expected a mapping of stage names to settings")
+    overrides = settings.pop("quick", None) or {}
+    if quick:
+        settings = merge(settings, overrides)
+    missing = [stage.name for stage in STAGES if not isinstance(settings.get(stage.name), dict)]
+    if missing:
+        raise UsageError(f"--pipeline {path}: no settings for stage(s) {', '.join(missing)}")
+    for stage in STAGES:
+        entry = settings[stage.name]
+        if not isinstance(entry.get("args", {}) or {}, dict):
+            raise UsageError(f"--pipeline {path}: {stage.name}.args must be a mapping of option to value")
+        if "config" in entry:
+            entry["config"] = str((path.parent / entry["config"]).resolve())
+            if not Path(entry["config"]).is_file():
+                raise UsageError(f"--pipeline {path}: {stage.name}.config {entry['config']} does not exist")
+    return settings
+
+
+def merge(base: dict, overrides: dict) -> dict:
+    """`base` with `overrides` merged in, recursively for mappings."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def option_args(options: dict | None) -> list[str]:
+    """{"trainer.max_steps": 3, "top-k": 5} -> ["--trainer.max_steps", "3", "--top-k", "5"] (None -> null)."""
+    argv = []
+    for key, value in (options or {}).items():
+        if value is None:
+            text = "null"
+        elif isinstance(value, bool):
+            text = str(value).lower()
+        else:
+            text = str(value)
+        argv += [f"--{key}", text]
+    return argv
+
+
+# ---- the stages' commands ---------------------------------------------------------------------------------------
+def stage_command(stage: Stage, settings: dict) -> list[str]:
+    """The `mmret` argv of a stage (without the program name), with {output} standing for DIR."""
+    entry = settings[stage.name]
+    extra = option_args(entry.get("args"))
+    if stage.name in RUN_DIRS:
+        argv = [
+            "fit",
+            "-c",
+            "{config}",
+            "--data.init_args.data_root",
+            "{output}/data",
+            "--run_dir",
+            f"{{output}}/{RUN_DIRS[stage.name]}",
+        ]
+        if stage.name == "reranker":
+            argv += ["--model.init_args.dual_encoder", checkpoint("shapes_dual")]
+        return argv + extra
+    if stage.name == "mine":
+        return [
+            "mine",
+            "--model",
+            checkpoint("shapes_dual"),
+            "--data",
+            "{output}/data/shapes",
+            "--output",
+            f"{{output}}/{MINED}",
+            *extra,
+        ]
+    dataset, model = {
+        "digits_eval": ("digits", "digits_dual"),
+        "shapes_eval": ("shapes", "shapes_dual"),
+        "rerank_eval": ("shapes", "shapes_dual"),
+    }[stage.name]
+    argv = [
+        "eval",
+        "--model",
+        checkpoint(model),
+        "--data",
+        f"{{output}}/data/{dataset}",
+        "--output",
+        f"{{output}}/{RESULTS[stage.name]}",
+    ]
+    if stage.name == "rerank_eval":
+        argv += ["--reranker", checkpoint("reranker")]
+    return argv + extra
+
+
+def stage_outputs(stage: Stage) -> list[str]:
+    """The files (relative to DIR) whose presence, with the stage's marker, means the stage is done."""
+    if stage.name == "datasets":
+        return [
+            f"data/{name}/{split}/dataset.json" for name in DATASETS for split in ("train", "val", "test")
+        ]
+    if stage.name in RUN_DIRS:
+        return [checkpoint(stage.name).removeprefix("{output}/")]
+    if stage.name == "mine":
+        return [MINED]
+    return [RESULTS[stage.name]]
+
+
+def stage_product(stage: Stage) -> str:
+    """What a stage made, relative to DIR, as shown when it is reused."""
+    if stage.name == "datasets":
+        return "data"
+    return RUN_DIRS.get(stage.name) or stage_outputs(stage)[0]
+
+
+def fill(argv: list[str], output: str, config: str | None) -> list[str]:
+    return [part.replace("{output}", output).replace("{config}", config or "") for part in argv]
+
+
+def fingerprint(stage: Stage, settings: dict, upstream: dict[str, str]) -> str:
+    """A hash of everything a stage's result depends on: its command, its recipe's text, its inputs' hashes."""
+    entry = settings[stage.name]
+    content = {
+        "command": stage_command(stage, settings) if stage.name != "datasets" else None,
+        "datasets": {key: entry.get(key) for key in ("seed", "image_size")}
+        if stage.name == "datasets"
+        else None,
+        "recipe": Path(entry["config"]).read_text() if entry.get("config") else None,
+        "upstream": [upstream[name] for name in stage.needs],
+    }
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---- running a stage ----------------------------------------------------------------------------------------------
+def run_command(argv: list[str]) -> None:
+    """Run one `mmret` command in this process, exactly as the console script would; UsageError propagates."""
+    from mmret.cli import COMMANDS, LIGHTNING_COMMANDS
+
+    if argv[0] in LIGHTNING_COMMANDS:
+        from mmret.training_cli import RUN_DIR_ENV, run_lightning_cli
+
+        previous = os.environ.get(RUN_DIR_ENV)  # LightningCLI exports the run dir for DDP ranks: undo that
+        try:
+            run_lightning_cli([*argv, *QUIET_FIT_ARGS])
+        except SystemExit as exit_:  # jsonargparse rejected an argument (its message is above)
+            if exit_.code:
+                raise UsageError(f"`mmret {argv[0]}` rejected its arguments (see above)") from None
+        finally:
+            if previous is None:
+                os.environ.pop(RUN_DIR_ENV, None)
+            else:
+                os.environ[RUN_DIR_ENV] = previous
+        return
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    parser = argparse.ArgumentParser(prog=f"mmret {argv[0]}")
+    module.configure_parser(parser)
+    module.run(parser.parse_args(argv[1:]))
+
+
+# Display only (not part of the printed command): progress lines instead of bars, no model summary.
+QUIET_FIT_ARGS = [
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.enable_model_summary",
+    "false",
+    "--trainer.callbacks+=mmret.demo.ProgressLines",
+]
+
+
+def build_datasets(output: Path, entry: dict) -> None:
+    from mmret.data.builtin import build_dataset
+
+    for name in DATASETS:
+        root = build_dataset(
+            name,
+            output / "data" / name,
+            seed=entry.get("seed", 0),
+            image_size=entry.get("image_size", 64),
+            progress=sys.stderr.isatty(),
+        )
+        print(
+            f"{name}: {', '.join(f'{s} {_num_samples(root / s)}' for s in ('train', 'val', 'test'))} samples "
+            f"in {root}"
+        )
+
+
+def _num_samples(split_dir: Path) -> int:
+    return json.loads((split_dir / "dataset.json").read_text()).get("num_samples", 0)
+
+
+class ProgressLines(Callback):
+    """Prints about ten progress lines per `fit` (step, loss, time left) and each validation's headline numbers.
+
+    Args:
+        lines: Progress lines per run (besides validation).
+    """
+
+    def __init__(self, lines: int = 10) -> None:
+        self.lines = lines
+        self.total = 0
+        self.every = 1
+        self.start_time = 0.0
+        self.start_step = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.total = int(trainer.estimated_stepping_batches)
+        self.every = max(1, math.ceil(self.total / self.lines))
+        self.start_time, self.start_step = time.monotonic(), trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        step = trainer.global_step
+        if not trainer.is_global_zero or (step % self.every and step != self.total):
+            return
+        elapsed = time.monotonic() - self.start_time
+        done = step - self.start_step
+        left = elapsed / done * (self.total - step) if done else 0.0
+        loss = trainer.callback_metrics.get("train/loss")
+        loss_text = f"  loss {float(loss):.3f}" if loss is not None else ""
+        print(
+            f"step {step:>4}/{self.total}{loss_text}  {format_seconds(elapsed)} elapsed, "
+            f"~{format_seconds(left)} left",
+            flush=True,
+        )
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        metrics = trainer.callback_metrics
+        shown = [
+            (name, key)
+            for name, key in (
+                ("zero-shot acc1", "val/acc1"),
+                ("text->image R@1", "val/image_retrieval_recall@1"),
+                ("first stage R@1", "val/first_stage/image_retrieval_recall@1"),
+            )
+            if key in metrics
+        ]
+        if shown:
+            values = ", ".join(f"{name} {float(metrics[key]):.3f}" for name, key in shown)
+            print(f"validation after epoch {trainer.current_epoch + 1}: {values}", flush=True)
+
+
+class _Indented(io.TextIOBase):
+    """A text stream that indents every line written to it (a stage's output under its stage line)."""
+
+    def __init__(self, stream, prefix: str) -> None:
+        self.stream, self.prefix, self.at_line_start = stream, prefix, True
+
+    def write(self, text: str) -> int:
+        for piece in text.splitlines(keepends=True):
+            if self.at_line_start and piece.strip():
+                self.stream.write(self.prefix)
+            self.stream.write(piece)
+            self.at_line_start = piece.endswith(("\n", "\r"))
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+@contextlib.contextmanager
+def stage_output() -> Iterator[None]:
+    """Indent what a stage prints, and keep Lightning's info logs and warnings out of the demo's output."""
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric", "lightning")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(_Indented(sys.stdout, INDENT)):
+            warnings.filterwarnings("ignore", module=r"lightning(\.|$)")
+            warnings.filterwarnings("ignore", message=r".*(num_workers|does not have many workers).*")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def format_seconds(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest:02d} s" if seconds < 600 else f"{seconds / 60:.0f} min"
+
+
+def expected(seconds) -> str:
+    if not seconds:
+        return ""
+    return f" (~{seconds:.0f} s)" if seconds < 90 else f" (~{seconds / 60:.1f} min)".replace(".0 min", " min")
+
+
+def display(argv: list[str]) -> str:
+    """A command as a user would type it (paths under the working directory made relative)."""
+    cwd = Path.cwd()
+    parts = []
+    for part in argv:
+        if os.path.isabs(part) and Path(part).is_relative_to(cwd):
+            part = str(Path(part).relative_to(cwd))
+        parts.append(part if part and " " not in part else repr(part))
+    return "mmret " + " ".join(parts)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_marker(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+# ---- the table ----------------------------------------------------------------------------------------------------
+def results_table(output: Path) -> str:
+    """The demo's markdown table (percent): digits zero-shot top-1; shapes retrieval, dual vs reranked, all / seen /
+    unseen compositions; and the first stage's recall@K, the ceiling of any reranker of those lists."""
+    digits = json.loads((output / RESULTS["digits_eval"]).read_text())
+    dual = json.loads((output / RESULTS["shapes_eval"]).read_text())
+    reranked = json.loads((output / RESULTS["rerank_eval"]).read_text())
+    top_k = reranked.get("top_k")
+
+    def cells(metrics: dict, name: str) -> list[str]:
+        return [
+            f"{100 * metrics[key]:.1f}" if key in metrics else "–"
+            for key in (name, f"seen/{name}", f"unseen/{name}")
+        ]
+
+    rows = [
+        [
+            "digits: zero-shot top-1",
+            "dual encoder",
+            f"{100 * digits['metrics']['acc1']:.1f}",
+            "–",
+            "–",
+        ]
+    ]
+    for label, name in [
+        ("shapes: text→image R@1", "image_retrieval_recall@1"),
+        ("shapes: text→image R@5", "image_retrieval_recall@5"),
+        ("shapes: text→image NDCG@10", "image_retrieval_ndcg@10"),
+        ("shapes: image→text R@1", "text_retrieval_recall@1"),
+        ("shapes: image→text R@5", "text_retrieval_recall@5"),
+    ]:
+        rows.append([label, "dual encoder", *cells(dual["metrics"], name)])
+        rows.append(["", f"+ reranker (top-{top_k})", *cells(reranked["reranked_metrics"], name)])
+    ceiling = reranked.get("first_stage_ceiling", {})
+    rows.append(
+        [
+            f"shapes: text→image R@{top_k}",
+            "first stage = rerank ceiling",
+            *cells(ceiling, f"image_retrieval_recall@{top_k}"),
+        ]
+    )
+    header = ["result (test split, %)", "model", "all", "seen", "unseen"]
+    lines = ["| " + " | ".join(header) + " |", "| --- | --- | ---: | ---: | ---: |"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    counts = dual.get("counts", {})
+    note = (
+        f"digits test: {digits['num_images']} images. shapes test: {dual['num_images']} images, "
+        f"{dual['num_texts']} caption queries ({counts.get('unseen/image_retrieval_num_queries', '?')} about "
+        "unseen compositions: held-out colour–shape bindings and relation orders, never in training)."
+    )
+    return "\n".join(lines) + "\n\n" + textwrap.fill(note, width=110, break_on_hyphens=False) + "\n"
+
+
+def write_results_md(output: Path, table: str, commands: list[str], quick: bool) -> Path:
+    title = (
+        "mmret demo --quick (tiny models, a few steps: the numbers mean nothing)" if quick else "mmret demo"
+    )
+    pictures = [
+        (
+            "shapes: the dual encoder's top images for a few captions (relevant ones framed in green)",
+            RESULTS["shapes_eval"].replace(".json", "_examples.png"),
+        ),
+        ("shapes: Recall@K of the dual encoder", RESULTS["shapes_eval"].replace(".json", "_recall.png")),
+        ("digits: top images per class prompt", RESULTS["digits_eval"].replace(".json", "_examples.png")),
+    ]
+    text = [f"# {title}", "", table]
+    text += [f"![{caption}]({name})\n" for caption, name in pictures if (output / name).is_file()]
+    text += ["## How these numbers were made", "", "From the folder the demo ran in:", ""]
+    text += [f"    {command}" for command in commands]
+    path = output / "results.md"
+    write_text_atomic(path, "\n".join(text) + "\n")
+    return path
+
+
+# ---- command line ---------------------------------------------------------------------------------------------------
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Arguments of `mmret demo`."""
     parser.add_argument(
         "--output",
         default="demo_output",
         metavar="DIR",
-        help="folder for the demo's data and results (default: demo_output)",
+        help="folder for the demo's data, runs and results (default: demo_output); a second run "
+        "reuses what it holds",
     )
     parser.add_argument(
-        "--quick", action="store_true", help="smallest settings: batches of 8 read in the main process"
+        "--quick",
+        action="store_true",
+        help="tiny models and a few steps (~30 s): checks the pipeline, numbers are meaningless",
+    )
+    parser.add_argument(
+        "--pipeline",
+        default=str(PIPELINE),
+        metavar="YAML",
+        help="the demo's settings (default: experiments/demo/pipeline.yaml)",
     )
 
 
-def describe(value) -> str:
-    """`[8, 3, 64, 64] float32` for a tensor, `{input_ids: [...], ...}` for a dict of tensors."""
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{key}: {describe(item)}" for key, item in value.items()) + "}"
-    return f"{list(value.shape)} {str(value.dtype).removeprefix('torch.')}"
-
-
-def show_batch(name: str, datamodule: RetrievalDataModule, num_captions: int = 3) -> dict:
-    """Stream one training batch of `datamodule` and print its shapes and first captions."""
-    loader = datamodule.train_dataloader()
-    batches = iter(loader)
-    batch = next(batches)
-    del batches  # stops the worker processes now rather than at garbage collection
-    info = datamodule.dataset_info("train") or {}
-    classes = f", {len(info['class_names'])} classes" if info.get("class_names") else ""
-    print(
-        f"{name}: {info.get('num_samples', '?')} train samples, {info.get('image_size', '?')} px{classes}; "
-        f"{len(loader)} batches of {datamodule.batch_size} per epoch"
-    )
-    for key in ("image", "text", "sample_id", "label"):
-        print(f"  {key:<9} {describe(batch[key])}")
-    for caption, label in zip(batch["caption"][:num_captions], batch["label"][:num_captions].tolist()):
-        print(f"  caption   {caption!r} (label {label})")
-    return batch
+def check_output_dir(output: Path) -> None:
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"--output {output} is a file; expected a folder for the demo's outputs")
+    if (
+        output.is_dir()
+        and any(output.iterdir())
+        and not ((output / MARKERS).is_dir() or (output / "data").is_dir())
+    ):
+        raise UsageError(
+            f"--output {output} is a non-empty folder that holds no demo output; choose another "
+            "--output (or empty it)"
+        )
+    existing = output
+    while not existing.exists():
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--output {output}: cannot write into {existing}")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run `mmret demo` with parsed arguments."""
-    data_root = Path(args.output) / "data"
-    for name in DEMO_DATASETS:
-        datamodule = RetrievalDataModule(
-            dataset=name,
-            data_root=str(data_root),
-            batch_size=8 if args.quick else 32,
-            num_workers=0 if args.quick else 2,
+    output = Path(args.output)
+    check_output_dir(output)
+    settings = load_settings(args.pipeline, args.quick)
+    with compute_threads():
+        return run_stages(output, settings, args.quick)
+
+
+@contextlib.contextmanager
+def compute_threads() -> Iterator[None]:
+    """Leave one core to the data loader's worker: PyTorch's intra-op threads default to every core, and on a
+    small machine the loader then competes with them (on 2 shared cores, 2 threads trained ~3x slower than 1).
+    An OMP_NUM_THREADS that the user set wins."""
+    import torch
+
+    previous = torch.get_num_threads()
+    if "OMP_NUM_THREADS" not in os.environ:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, cores - 1))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def run_stages(output: Path, settings: dict, quick: bool) -> int:
+    """Run (or reuse) every stage into `output`, then write and print the table."""
+    started = time.monotonic()
+    fingerprints: dict[str, str] = {}
+    commands: list[str] = []
+    reused = 0
+    print(
+        f"mmret demo{' --quick' if quick else ''}: {len(STAGES)} stages into {output}/ "
+        "(finished stages of an earlier run are reused)",
+        flush=True,
+    )
+    for number, stage in enumerate(STAGES, 1):
+        entry = settings[stage.name]
+        fingerprints[stage.name] = fingerprint(stage, settings, fingerprints)
+        config = entry.get("config")
+        argv = fill(stage_command(stage, settings), str(output), config) if stage.name != "datasets" else None
+        if argv is None:
+            commands += [
+                f"mmret datasets {name} --output {output}/data/{name} --seed {entry.get('seed', 0)} "
+                f"--image-size {entry.get('image_size', 64)}"
+                for name in DATASETS
+            ]
+        else:
+            commands.append(display(argv))
+        marker = output / MARKERS / f"{stage.name}.json"
+        done = read_marker(marker).get("fingerprint") == fingerprints[stage.name] and all(
+            (output / path).is_file() for path in stage_outputs(stage)
         )
-        datamodule.setup("fit")  # builds DIR/data/NAME first when it is missing
-        show_batch(name, datamodule)
+        head = f"[{number}/{len(STAGES)}] {stage.title}"
+        if done:
+            print(f"{head}: done before, reusing {output / stage_product(stage)}", flush=True)
+            reused += 1
+            continue
+        print(f"{head}{expected(entry.get('seconds'))}", flush=True)
+        for command in commands[-1:] if argv is not None else commands[-len(DATASETS) :]:
+            print(f"{INDENT}{command}", flush=True)
+        stage_started = time.monotonic()
+        prepare(output, stage, fingerprints[stage.name])
+        try:
+            with stage_output():
+                if argv is None:
+                    build_datasets(output, entry)
+                else:
+                    run_command(argv)
+        except UsageError as err:
+            raise UsageError(f"stage {number}/{len(STAGES)} ({stage.title}): {err}") from None
+        seconds = time.monotonic() - stage_started
+        write_text_atomic(
+            marker,
+            json.dumps(
+                {
+                    "fingerprint": fingerprints[stage.name],
+                    "seconds": round(seconds, 1),
+                    "command": commands[-1],
+                },
+                indent=2,
+            )
+            + "\n",
+        )
+        print(f"{INDENT}done in {format_seconds(seconds)}", flush=True)
+
+    table = results_table(output)
+    path = write_results_md(output, table, commands, quick)
+    print()
+    print(table)
+    print(
+        f"wrote {path} (with the pictures beside it); {len(STAGES) - reused} stages run, {reused} reused, "
+        f"{format_seconds(time.monotonic() - started)} in all"
+    )
     return 0
+
+
+def prepare(output: Path, stage: Stage, stage_fingerprint: str) -> None:
+    """Before a training stage runs: a run directory left by other settings is removed (else `fit` would
+    resume it); one left by an interrupted run of the same settings is kept, and `fit` resumes it."""
+    if stage.name not in RUN_DIRS:
+        return
+    started = output / MARKERS / f"{stage.name}.started"
+    run_dir = output / RUN_DIRS[stage.name]
+    if run_dir.exists() and read_marker(started).get("fingerprint") != stage_fingerprint:
+        shutil.rmtree(run_dir)
+    write_text_atomic(started, json.dumps({"fingerprint": stage_fingerprint}) + "\n")

@@ -138,6 +138,15 @@ def all_gather_variable(tensor: torch.Tensor) -> torch.Tensor:
     return _gather_padded(tensor, sizes)
 
 
+def all_gather_objects(value: object) -> list:
+    """Every rank's picklable `value`, in rank order (a list of one without a process group)."""
+    if get_world_size() == 1:
+        return [value]
+    gathered: list = [None] * get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum of `tensor` over ranks, as a new tensor (the input is left untouched; no gradient)."""
     if get_world_size() == 1:

@@ -202,3 +202,20 @@ def test_fit_writes_a_cross_encoder_checkpoint_that_loads_alone(trained_pair):
         torch.testing.assert_close(
             rebuilt.eval().score(["a 1"], images[:1]), module.score(["a 1"], images[:1])
         )
+
+
+def test_trailing_padding_does_not_change_fusion_scores():
+    from mmret.models.fusion import FusionScorer
+
+    torch.manual_seed(0)
+    fusion = FusionScorer(text_width=8, image_width=6, width=16, layers=2, heads=2).eval()
+    states, patches = torch.randn(3, 5, 8), torch.randn(3, 4, 6)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.bool)
+    padded_states = torch.cat([states, torch.randn(3, 20, 8)], dim=1)  # 20 more padding columns
+    padded_mask = torch.cat([mask, torch.zeros(3, 20, dtype=torch.bool)], dim=1)
+    with torch.no_grad():
+        torch.testing.assert_close(fusion(padded_states, padded_mask, patches), fusion(states, mask, patches))
+        # and the real tokens' states matter: changing one changes the score
+        changed = states.clone()
+        changed[0, 1] += 1.0
+        assert not torch.allclose(fusion(changed, mask, patches)[0], fusion(states, mask, patches)[0])

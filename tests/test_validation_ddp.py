@@ -37,7 +37,7 @@ class ValidationRecorder(L.Callback):
         Path(self.directory, f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 
-def validate(model: DualEncoder, val_dir: Path, devices: int, out_dir: Path) -> list[dict]:
+def validate(model: L.LightningModule, val_dir: Path, devices: int, out_dir: Path) -> list[dict]:
     """Run `trainer.validate` on `devices` CPU processes; returns each rank's record."""
     out_dir.mkdir()
     data = RetrievalDataModule(val=str(val_dir), eval_batch_size=32, num_workers=0)
@@ -80,3 +80,23 @@ def test_two_rank_validation_metrics_equal_single_process(digits_root, tmp_path)
         assert set(record["metrics"]) == set(expected)
         for key, value in expected.items():
             assert record["metrics"][key] == pytest.approx(value, abs=1e-6), key
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_two_rank_reranker_validation_equals_single_process(digits_root, tmp_path):
+    """The CrossEncoder reranks the whole val set on every rank: patches and captions of the other rank are
+    gathered, so the reranked metrics (not only the first stage) equal one process's."""
+    from mmret.modules import CrossEncoder
+
+    torch.manual_seed(0)
+    model = CrossEncoder(model="test-vit-micro", fusion_width=32, fusion_layers=1, fusion_heads=2, val_top_k=5)
+    [single] = validate(model, digits_root / "val", 1, tmp_path / "single")
+    ranks = validate(model, digits_root / "val", 2, tmp_path / "ddp")
+    expected = single["metrics"]
+    assert "val/image_retrieval_recall@1" in expected and "val/first_stage/image_retrieval_recall@1" in expected
+    assert "val/ceiling/image_retrieval_recall@5" in expected
+    for record in ranks:
+        assert set(record["metrics"]) == set(expected)
+        for key, value in expected.items():
+            assert record["metrics"][key] == pytest.approx(value, abs=1e-5), key

@@ -42,13 +42,13 @@ def main() -> None:
     with torch.no_grad():
         images = torch.randn(num_images, 3, *size)
         start = time.perf_counter()
-        _, patches = reranker.encode_images(images)  # [N, P, Wv]
+        image_emb, patches = reranker.encode_images(images)  # [N, D], [N, P, Wv]
         image_ms = (time.perf_counter() - start) * 1000 / num_images
         captions = [f"a red circle left of a blue square {i}" for i in range(args.queries)]
         start = time.perf_counter()
-        _, states, masks = reranker.encode_texts(captions)
+        text_emb, states, masks = reranker.encode_texts(captions)
         text_ms = (time.perf_counter() - start) * 1000 / args.queries
-        scorer = PairScorer(reranker, states, masks, patches)
+        scorer = PairScorer(reranker, states, masks, patches, text_emb, image_emb)
         scorer(torch.zeros(8, dtype=torch.long), torch.arange(8))  # warm-up
 
         rows = []

@@ -34,6 +34,7 @@ from pathlib import Path
 import lightning as L
 
 from mmret.data.loaders import EvalLoader, TrainLoader
+from mmret.data.mined import MinedNegativeStore
 from mmret.data.shard_sources import ShardSource, resolve_sources, total_samples
 from mmret.data.streams import EvalStream, TrainStream
 from mmret.errors import UsageError
@@ -92,6 +93,10 @@ class RetrievalDataModule(L.LightningDataModule):
             the data's dataset.json, or no resizing. Ignored once a model sets its own transform.
         shuffle_buffer: Raw samples each training worker holds to shuffle across shard boundaries.
         context_length: Token length of the default tokenizer. Ignored once a model sets its own tokenizer.
+        mined_negatives: A `mmret mine` output mined on the training shards: every training sample then also
+            carries `mined_per_sample` of its mined negative images and captions (mmret.data.mined; the
+            reranker, mmret.modules.CrossEncoder, scores them beside its in-batch negatives).
+        mined_per_sample: Mined negatives attached per sample and direction, drawn afresh each time.
     """
 
     def __init__(
@@ -110,6 +115,8 @@ class RetrievalDataModule(L.LightningDataModule):
         image_size: int | None = None,
         shuffle_buffer: int = 1000,
         context_length: int = 77,
+        mined_negatives: str | None = None,
+        mined_per_sample: int = 4,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -125,6 +132,7 @@ class RetrievalDataModule(L.LightningDataModule):
             ("shuffle_buffer", shuffle_buffer, 0),
             ("context_length", context_length, 1),
             ("image_size", image_size, 1),
+            ("mined_per_sample", mined_per_sample, 1),
         ]:
             if value is not None and value < minimum:
                 raise UsageError(f"data module: {name} is {value}; expected an integer >= {minimum}")
@@ -146,6 +154,9 @@ class RetrievalDataModule(L.LightningDataModule):
         self.image_size = image_size
         self.shuffle_buffer = shuffle_buffer
         self.context_length = context_length
+        self.mined_negatives = mined_negatives
+        self.mined_per_sample = mined_per_sample
+        self._mined: MinedNegativeStore | None = None
         self.image_transform: Callable | None = None
         self.eval_image_transform: Callable | None = None
         self.tokenizer: Callable | None = None
@@ -282,6 +293,7 @@ class RetrievalDataModule(L.LightningDataModule):
             world_size=world_size,
             seed=self.seed,
             shuffle_buffer=self.shuffle_buffer,
+            mined=self._mined_store(sources),
         )
         # Lightning warns that an IterableDataset's __len__ may be wrong with several workers; ours is exact by
         # construction (each worker yields its share of batches_per_rank), so that warning is noise here.
@@ -291,6 +303,14 @@ class RetrievalDataModule(L.LightningDataModule):
             loader.set_resume_position(*self._resume)
         self._loaders["train"].append(loader)
         return loader
+
+    def _mined_store(self, sources: list[ShardSource]) -> MinedNegativeStore | None:
+        if self.mined_negatives is None:
+            return None
+        if self._mined is None:
+            shards = [shard for source in sources for shard in source.shards]
+            self._mined = MinedNegativeStore(self.mined_negatives, shards, self.mined_per_sample)
+        return self._mined
 
     def _eval_dataloader(self, split: str) -> EvalLoader | list:
         sources = self.sources(split)

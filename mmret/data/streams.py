@@ -30,6 +30,7 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
+from mmret.data.mined import MinedNegativeStore, collate_mined
 from mmret.data.samples import (
     SKIPPED_KEY,
     SkipCounter,
@@ -128,6 +129,7 @@ class TrainStream(_StreamBase):
         shuffle_buffer: Raw samples held for shuffling per worker (raw JPEG bytes, so cheap to hold).
         image_transform: PIL RGB image -> tensor [3, H, W].
         tokenizer: list of B captions -> LongTensor [B, L] or a dict of tensors.
+        mined: Offline hard negatives (`mmret mine`) to attach to every sample (see mmret.data.mined).
     """
 
     def __init__(
@@ -143,8 +145,10 @@ class TrainStream(_StreamBase):
         world_size: int = 1,
         seed: int = 0,
         shuffle_buffer: int = 1000,
+        mined: MinedNegativeStore | None = None,
     ):
         super().__init__(sources, batch_size, rank, world_size, image_transform, tokenizer)
+        self.mined = mined
         if weights is None:
             counts = [source.num_samples for source in self.sources]
             weights = counts if all(counts) else [len(source.shards) for source in self.sources]
@@ -242,8 +246,12 @@ class TrainStream(_StreamBase):
             while len(samples) < self.batch_size:
                 sample = self._prepare(next(raw_stream), counter, lambda n: int(rng.integers(n)))
                 if sample is not None:
+                    if self.mined is not None:
+                        self.mined.attach(sample, rng, self.image_transform)
                     samples.append(sample)
             batch = collate_samples(samples, self.tokenizer, with_eval_fields=False)
+            if self.mined is not None:
+                batch.update(collate_mined(samples, self.tokenizer, self.mined.per_sample))
             batch[SKIPPED_KEY] = counter.take_unreported()
             yield batch
 

@@ -141,18 +141,31 @@ class PairScorer:
         text_states: [Q, L, Wt] token states of the Q text queries.
         text_mask: [Q, L] bool real-token mask.
         patches: [N, P, Wv] patch tokens of the N images (eval-set order).
+        text_emb, image_emb: [Q, D] / [N, D] pooled embeddings of the reranker's own towers (for its
+            first-stage residual; None when it has none).
     """
 
-    def __init__(self, reranker, text_states: Tensor, text_mask: Tensor, patches: Tensor) -> None:
+    def __init__(
+        self, reranker, text_states: Tensor, text_mask: Tensor, patches: Tensor,
+        text_emb: Tensor | None = None, image_emb: Tensor | None = None,
+    ) -> None:  # fmt: skip
         self.reranker = reranker
         self.text_states, self.text_mask, self.patches = text_states, text_mask, patches
+        self.text_emb, self.image_emb = text_emb, image_emb
 
     @torch.no_grad()
     def __call__(self, text_index: Tensor, image_index: Tensor) -> Tensor:
         device = self.text_states.device
         text_index, image_index = text_index.to(device), image_index.to(device)
+        text_emb = None if self.text_emb is None else self.text_emb.to(device)[text_index]
+        image_emb = None if self.image_emb is None else self.image_emb.to(device)
         return self.reranker.score_tokens(
-            self.text_states[text_index], self.text_mask[text_index], self.patches[image_index]
+            self.text_states[text_index],
+            self.text_mask[text_index],
+            self.patches,
+            image_index,
+            text_emb,
+            image_emb,
         )  # [n]
 
     @classmethod
@@ -169,15 +182,18 @@ class PairScorer:
             )
         data.set_preprocess(None, reranker.tokenizer,
                             eval_image_transform=create_transforms(reranker.model, train=False))  # fmt: skip
-        patches_of_id: dict[int, Tensor] = {}
+        patches_of_id: dict[int, tuple[Tensor, Tensor]] = {}
         for batch in tqdm(data.test_dataloader(), desc="reranker image tokens", unit="batch", file=sys.stderr,
                           disable=None, leave=False):  # fmt: skip
-            _, patches = reranker.encode_images(batch["image"].to(device))  # [B, P, Wv]
-            patches_of_id.update(zip(batch["sample_id"].tolist(), patches))
-        patches = torch.stack([patches_of_id[i] for i in eval_set.image_ids.tolist()])  # [N, P, Wv]
-        states, masks = [], []
+            pooled, patches = reranker.encode_images(batch["image"].to(device))  # [B, D], [B, P, Wv]
+            patches_of_id.update(zip(batch["sample_id"].tolist(), zip(pooled, patches)))
+        ids = eval_set.image_ids.tolist()
+        image_emb = torch.stack([patches_of_id[i][0] for i in ids])  # [N, D]
+        patches = torch.stack([patches_of_id[i][1] for i in ids])  # [N, P, Wv]
+        text_embs, states, masks = [], [], []
         for start in range(0, eval_set.num_texts, batch_size):
-            _, state, mask = reranker.encode_texts(eval_set.captions[start : start + batch_size])
+            text_emb, state, mask = reranker.encode_texts(eval_set.captions[start : start + batch_size])
+            text_embs.append(text_emb)
             states.append(state)
             masks.append(mask)
-        return cls(reranker, torch.cat(states), torch.cat(masks), patches)
+        return cls(reranker, torch.cat(states), torch.cat(masks), patches, torch.cat(text_embs), image_emb)

@@ -111,7 +111,7 @@ class EmbeddedEvalSet:
         text_emb: [Q, D] float32 embeddings of the unique captions, in caption-hash order.
         text_relevant: for each query, the ids of the images it was written for.
         text_unseen: [Q] bool, True for captions of unseen images.
-        captions: the Q caption strings, or None when some came from other ranks (strings are not gathered).
+        captions: the Q caption strings (gathered from every rank).
     """
 
     image_emb: Tensor
@@ -211,7 +211,9 @@ class EvalSetEmbedder:
         text_emb, text_relevant, text_unseen = merge_text_queries(
             query_hash, query_emb, pair_hash, pair_image_id, pair_unseen
         )
-        caption_of_hash = dict(zip(hashes, unique_captions))
+        caption_of_hash = {}
+        for rank_captions in distributed.all_gather_objects(unique_captions):  # strings, a few per query
+            caption_of_hash.update((caption_hash(caption), caption) for caption in rank_captions)
         order = sorted(set(query_hash.tolist()))
         captions = [caption_of_hash[h] for h in order] if all(h in caption_of_hash for h in order) else None
         return EmbeddedEvalSet(

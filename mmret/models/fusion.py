@@ -4,9 +4,11 @@
     text_pooled, token_states, token_mask = text_tokens(model, text)  # [B, D], [B, L, Wt], [B, L]
     fusion = FusionScorer(text_width=Wt, image_width=Wv, width=256, layers=2, heads=4)
     scores = fusion(token_states, token_mask, patch_tokens)          # [B] one relevance logit per pair
+    scores = fusion(token_states, token_mask, patch_tokens, index)   # pair i has image patch_tokens[index[i]]
 
 Text tokens attend to each other (self-attention, padding masked) and to the image's patch tokens
-(cross-attention), in a few pre-norm transformer layers (ALBEF / BLIP's fusion encoder, in small). The fused
+(cross-attention), in a few pre-norm transformer layers (ALBEF / BLIP's fusion encoder, in small). An
+image's keys and values are computed once however many pairs share it. The fused
 text states are mean-pooled over the real tokens and a linear head gives the score. Each pair is scored on its
 own — nothing mixes pairs — so a pair's score does not depend on which other candidates share the batch.
 
@@ -96,6 +98,37 @@ def tower_widths(model: nn.Module) -> tuple[int, int]:
     return int(states.shape[-1]), int(patches.shape[-1])
 
 
+class CrossAttention(nn.Module):
+    """Multi-head attention from text tokens to image tokens whose keys and values are computed once per image.
+
+    A reranker scores many (text, image) pairs that share images (a caption against K candidates, an image
+    against K captions): projecting an image's P tokens to keys and values dominates the cost, so
+    `keys_values` runs on the distinct images and `forward` indexes them per pair.
+    """
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.query = nn.Linear(width, width)
+        self.key_value = nn.Linear(width, 2 * width)
+        self.out = nn.Linear(width, width)
+
+    def keys_values(self, image: Tensor) -> tuple[Tensor, Tensor]:
+        """image [N, P, W] -> keys, values [N, heads, P, W / heads]."""
+        n, p, width = image.shape
+        key, value = (
+            self.key_value(image).view(n, p, 2, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
+        )
+        return key, value
+
+    def forward(self, text: Tensor, key: Tensor, value: Tensor, image_index: Tensor) -> Tensor:
+        """text [B, L, W], keys/values of N images, image_index [B] (the image of each pair) -> [B, L, W]."""
+        b, length, width = text.shape
+        query = self.query(text).view(b, length, self.heads, width // self.heads).transpose(1, 2)
+        attended = F.scaled_dot_product_attention(query, key[image_index], value[image_index])  # [B, h, L, d]
+        return self.out(attended.transpose(1, 2).reshape(b, length, width))
+
+
 class FusionLayer(nn.Module):
     """Pre-norm transformer layer: text self-attention, cross-attention to image tokens, MLP."""
 
@@ -105,17 +138,18 @@ class FusionLayer(nn.Module):
         self.self_attn = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
         self.norm_cross = nn.LayerNorm(width)
         self.norm_image = nn.LayerNorm(width)
-        self.cross_attn = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
+        self.cross_attn = CrossAttention(width, heads)
         self.norm_mlp = nn.LayerNorm(width)
         hidden = int(width * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
 
-    def forward(self, text: Tensor, text_padding: Tensor, image: Tensor) -> Tensor:
-        """text [B, L, W], text_padding [B, L] (True = pad), image [B, P, W] -> text [B, L, W]."""
+    def forward(self, text: Tensor, text_padding: Tensor, image: Tensor, image_index: Tensor) -> Tensor:
+        """text [B, L, W], text_padding [B, L] (True = pad), image [N, P, W] of the distinct images,
+        image_index [B] (pair -> image row) -> text [B, L, W]."""
         x = self.norm_self(text)
         text = text + self.self_attn(x, x, x, key_padding_mask=text_padding, need_weights=False)[0]
-        image = self.norm_image(image)
-        text = text + self.cross_attn(self.norm_cross(text), image, image, need_weights=False)[0]
+        key, value = self.cross_attn.keys_values(self.norm_image(image))
+        text = text + self.cross_attn(self.norm_cross(text), key, value, image_index)
         return text + self.mlp(self.norm_mlp(text))
 
 
@@ -128,7 +162,7 @@ class FusionScorer(nn.Module):
         width: fusion width (both token streams are projected to it).
         layers: number of fusion layers.
         heads: attention heads per layer.
-        dropout: attention dropout.
+        dropout: self-attention dropout.
     """
 
     def __init__(
@@ -144,13 +178,33 @@ class FusionScorer(nn.Module):
         self.norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, 1)
 
-    def forward(self, text_states: Tensor, text_mask: Tensor, image_tokens: Tensor) -> Tensor:
-        """Score B pairs: text_states [B, L, Wt], text_mask [B, L] bool, image_tokens [B, P, Wv] -> [B]."""
+    def forward(
+        self, text_states: Tensor, text_mask: Tensor, image_tokens: Tensor, image_index: Tensor | None = None
+    ) -> Tensor:
+        """Score B pairs -> [B] logits.
+
+        Args:
+            text_states: [B, L, Wt] token states of each pair's text.
+            text_mask: [B, L] bool, True for real tokens.
+            image_tokens: [N, P, Wv] patch tokens; with `image_index`, of images that pairs may share.
+            image_index: [B] row of `image_tokens` of each pair; None: pair i has image i (N == B).
+        """
+        # Trailing padding columns change nothing (masked as keys, pooled out as queries) but cost attention
+        # over the full context length: cut them off (captions are ~15 of 77 tokens).
+        text_mask = text_mask.bool()
+        used = text_mask.any(dim=0).nonzero()
+        length = int(used.max()) + 1 if used.numel() else 1
+        text_states, text_mask = text_states[:, :length], text_mask[:, :length]
+        if image_index is None:
+            image_index = torch.arange(image_tokens.shape[0], device=image_tokens.device)
+        else:  # only the images some pair uses are projected
+            distinct, image_index = image_index.unique(return_inverse=True)
+            image_tokens = image_tokens[distinct]
         text = self.text_proj(text_states)  # [B, L, W]
-        image = self.image_proj(image_tokens)  # [B, P, W]
-        padding = ~text_mask.bool()
+        image = self.image_proj(image_tokens)  # [N, P, W]
+        padding = ~text_mask
         for layer in self.layers:
-            text = layer(text, padding, image)
+            text = layer(text, padding, image, image_index)
         text = self.norm(text)
         weights = text_mask.to(text.dtype).unsqueeze(-1)  # [B, L, 1]
         pooled = (text * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)  # [B, W]

@@ -15,7 +15,10 @@ query's exact caption are true positives too (shapes draws many images of one de
 positive, not negative, and the default listwise InfoNCE (`mmret.losses.listwise_infonce_loss`, "mean" over
 positives) treats every one of them as a positive; `loss: bce` is the pointwise alternative. Under DDP the
 negatives come from world_size × B candidates and the tokens are gathered with gradient, like the dual
-encoder's embeddings.
+encoder's embeddings. Offline negatives from `mmret mine` join them when the data module is given the mined
+file (`data.mined_negatives`, see mmret.data.mined): each sample brings k mined images and k mined captions
+from the whole training set — the swapped bindings and orders a batch of 64 rarely contains — scored as
+extra negatives of its caption and of its image.
 
 The network scores each pair independently, so a pair's score never depends on the other candidates in the
 batch: `mmret eval --reranker` can rescore any top-K list in any order and batch size.
@@ -118,6 +121,9 @@ class CrossEncoder(LightningModule):
         positive_aggregation: Listwise loss with several positives: "mean" (each positive against the
             negatives) or "logsumexp" (one positive suffices).
         bce_pos_weight: BCE weight of positive pairs (None: 1).
+        first_stage_residual: Add `scale × cosine(pooled text, pooled image)` of the towers to the fusion
+            score, with a learned scale initialised to the dual encoder's logit scale: the reranker starts
+            from the dual encoder's ranking and its fusion layers learn the corrections.
         lr: Peak AdamW learning rate.
         tower_lr_scale: Learning rate of unfrozen towers as a fraction of `lr`.
         weight_decay: AdamW weight decay (not on norms, biases, embeddings).
@@ -145,6 +151,7 @@ class CrossEncoder(LightningModule):
         temperature: float = 1.0,
         positive_aggregation: Literal["mean", "logsumexp"] = "mean",
         bce_pos_weight: float | None = None,
+        first_stage_residual: bool = True,
         lr: float = 3e-4,
         tower_lr_scale: float = 0.1,
         weight_decay: float = 0.05,
@@ -181,6 +188,10 @@ class CrossEncoder(LightningModule):
             lock_text_tower(self.model, 0, True)
         text_width, image_width = tower_widths(self.model)
         self.fusion = FusionScorer(text_width, image_width, fusion_width, fusion_layers, fusion_heads)
+        if first_stage_residual:
+            logit_scale = getattr(self.model, "logit_scale", None)
+            initial = float(logit_scale.detach().exp()) if isinstance(logit_scale, torch.Tensor) else 10.0
+            self.first_stage_scale = torch.nn.Parameter(torch.tensor(initial))
         self.listwise = ListwiseLoss(temperature, positive_aggregation)
         self._tokenizer = None
         self._val_embedder: EvalSetEmbedder | None = None
@@ -206,15 +217,41 @@ class CrossEncoder(LightningModule):
             text = text["input_ids"]
         return text_tokens(self.model, text.to(self.device))
 
-    def score_tokens(self, text_states: Tensor, text_mask: Tensor, patch_tokens: Tensor) -> Tensor:
-        """Relevance logits [B] of B (text, image) pairs given as tower outputs."""
-        return self.fusion(text_states, text_mask, patch_tokens)
+    def score_tokens(
+        self,
+        text_states: Tensor,
+        text_mask: Tensor,
+        patch_tokens: Tensor,
+        image_index: Tensor | None = None,
+        text_emb: Tensor | None = None,
+        image_emb: Tensor | None = None,
+    ) -> Tensor:
+        """Relevance logits [B] of B (text, image) pairs given as tower outputs.
+
+        Args:
+            text_states, text_mask: [B, L, Wt] token states and [B, L] real-token mask of each pair's text.
+            patch_tokens: [N, P, Wv] image patch tokens.
+            image_index: [B] row of pair i's image in `patch_tokens` / `image_emb` (shared images are
+                projected once); None: pair i has image i.
+            text_emb, image_emb: [B, D] and [N, D] pooled normalised tower embeddings, needed with
+                `first_stage_residual`.
+        """
+        scores = self.fusion(text_states, text_mask, patch_tokens, image_index)  # [B]
+        if not self.hparams.first_stage_residual:
+            return scores
+        if text_emb is None or image_emb is None:
+            raise ValueError("this reranker adds the towers' cosine similarity: pass text_emb and image_emb")
+        if image_index is not None:
+            image_emb = image_emb[image_index]
+        return scores + self.first_stage_scale * (text_emb.to(scores.dtype) * image_emb.to(scores.dtype)).sum(
+            -1
+        )
 
     def score(self, captions: list[str], images: Tensor) -> Tensor:
         """Relevance logits [B] of B (caption, image) pairs."""
-        _, states, mask = self.encode_texts(captions)
-        _, patches = self.encode_images(images.to(self.device))
-        return self.score_tokens(states, mask, patches)
+        text_emb, states, mask = self.encode_texts(captions)
+        image_emb, patches = self.encode_images(images.to(self.device))
+        return self.score_tokens(states, mask, patches, text_emb=text_emb, image_emb=image_emb)
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -280,27 +317,56 @@ class CrossEncoder(LightningModule):
         def text_to_image(columns: Tensor) -> Tensor:  # columns [B, C] image rows -> scores [B, C]
             count = columns.shape[1]
             flat = self.score_tokens(
-                states.repeat_interleave(count, 0), mask.repeat_interleave(count, 0), all_patches[columns.flatten()]
+                states.repeat_interleave(count, 0), mask.repeat_interleave(count, 0), all_patches, columns.flatten(),
+                text_emb.detach().repeat_interleave(count, 0), all_image_emb,
             )  # fmt: skip
             return flat.view(batch_size, count)
 
         scores, positives, valid = self._listwise_scores(
             text_emb, sample_id, captions, all_image_emb, all_ids, all_captions, own_rows, text_to_image
         )
+        if "mined_image" in batch:  # offline negatives of `mmret mine`, scored beside the in-batch ones
+            mined_images, mined_valid = batch["mined_image"], batch["mined_image_valid"]  # [B, k, 3, H, W]
+            count = mined_images.shape[1]
+            mined_emb, mined_patches = self.encode_images(mined_images.flatten(0, 1))  # [B * k, P, Wv]
+            mined_scores = self.score_tokens(
+                states.repeat_interleave(count, 0), mask.repeat_interleave(count, 0), mined_patches, None,
+                text_emb.detach().repeat_interleave(count, 0), mined_emb.detach(),
+            ).view(batch_size, count)  # fmt: skip
+            scores, positives, valid = _append_negatives(scores, positives, valid, mined_scores, mined_valid)
         loss = self._loss(scores, positives, valid)
         self.log("train/loss_text_to_image", loss.detach(), batch_size=batch_size)
         if self.hparams.directions == "both":
 
             def image_to_text(columns: Tensor) -> Tensor:  # columns [B, C] text rows -> scores [B, C]
                 count, rows = columns.shape[1], columns.flatten()
+                own_images = torch.arange(batch_size, device=patches.device).repeat_interleave(count)
                 flat = self.score_tokens(
-                    all_states[rows], all_mask[rows], patches.repeat_interleave(count, 0)
+                    all_states[rows],
+                    all_mask[rows],
+                    patches,
+                    own_images,
+                    all_text_emb[rows],
+                    image_emb.detach(),
                 )
                 return flat.view(batch_size, count)
 
             scores_i, positives_i, valid_i = self._listwise_scores(
                 image_emb, sample_id, captions, all_text_emb, all_ids, all_captions, own_rows, image_to_text
             )
+            if "mined_text" in batch:
+                mined_valid = batch["mined_text_valid"]  # [B, k]
+                count = mined_valid.shape[1]
+                mined_text_emb, mined_states, mined_mask = self.encode_texts(
+                    batch["mined_text"]
+                )  # [B * k, L, Wt]
+                own_images = torch.arange(batch_size, device=patches.device).repeat_interleave(count)
+                mined_scores = self.score_tokens(
+                    mined_states, mined_mask, patches, own_images, mined_text_emb.detach(), image_emb.detach()
+                ).view(batch_size, count)
+                scores_i, positives_i, valid_i = _append_negatives(
+                    scores_i, positives_i, valid_i, mined_scores, mined_valid
+                )
             loss_i = self._loss(scores_i, positives_i, valid_i)
             self.log("train/loss_image_to_text", loss_i.detach(), batch_size=batch_size)
             loss = (loss + loss_i) / 2
@@ -340,17 +406,29 @@ class CrossEncoder(LightningModule):
             return
         for name, value in evaluation_metrics(eval_set).items():
             self.log(f"val/first_stage/{name}", float(value), sync_dist=False, rank_zero_only=False)
+        if distributed.is_distributed():  # every rank reranks the whole set: gather the other ranks' patches
+            local_ids = torch.tensor(list(patches_of_id), dtype=torch.long, device=self.device)
+            if patches_of_id:
+                local = torch.stack(list(patches_of_id.values()))  # [n, P, Wv]
+            else:  # a rank without validation images still joins the collective, with 0 rows of the same shape
+                grid = self.model.visual.grid_size
+                local = torch.zeros(
+                    0, grid[0] * grid[1], self.fusion.image_proj.in_features, device=self.device
+                )
+            all_ids, all_patches = _gather_plain(local_ids), _gather_plain(local)
+            patches_of_id = dict(zip(all_ids.tolist(), all_patches))
         ids = eval_set.image_ids.tolist()
         if eval_set.captions is None or any(i not in patches_of_id for i in ids):
-            return  # under DDP the other ranks' captions and patches are not here: first-stage metrics only
+            return
         states, masks = [], []
         for start in range(0, eval_set.num_texts, 256):
             _, state, mask = self.encode_texts(eval_set.captions[start : start + 256])
             states.append(state)
             masks.append(mask)
         scorer = PairScorer(
-            self, torch.cat(states), torch.cat(masks), torch.stack([patches_of_id[i] for i in ids])
-        )
+            self, torch.cat(states), torch.cat(masks), torch.stack([patches_of_id[i] for i in ids]),
+            eval_set.text_emb, eval_set.image_emb,
+        )  # fmt: skip
         top_k = min(self.hparams.val_top_k, eval_set.num_images)
         reranked, ceiling = two_stage_metrics(eval_set, scorer, top_k)
         for name, value in {**reranked, **{f"ceiling/{k}": v for k, v in ceiling.items()}}.items():
@@ -360,6 +438,19 @@ class CrossEncoder(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # `tower_name` lets `load_cross_encoder` rebuild the towers without the dual-encoder checkpoint.
         checkpoint["mmret"] = {"kind": "cross_encoder", "model": self.tower_name}
+
+
+def _append_negatives(
+    scores: Tensor, positives: Tensor, valid: Tensor, extra_scores: Tensor, extra_valid: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Extend [Q, C] listwise scores and masks by [Q, k] more negatives (never positives; `extra_valid`
+    False marks padding)."""
+    extra_valid = extra_valid.to(valid.device).bool()
+    return (
+        torch.cat([scores, extra_scores], dim=1),
+        torch.cat([positives, torch.zeros_like(extra_valid)], dim=1),
+        torch.cat([valid, extra_valid], dim=1),
+    )
 
 
 def _gather_plain(tensor: Tensor) -> Tensor:
