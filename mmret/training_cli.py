@@ -326,12 +326,21 @@ def _plain_config(cfg) -> dict:
 def run_lightning_cli(argv: list[str]) -> int:
     """Run `fit|validate|test` with the given argv (without the program name); returns the exit code."""
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-    MMRetCLI(
-        LightningModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        args=argv,
-    )
+    # The CLI exports the run dir for the DDP ranks it launches; undo that afterwards, so a later run in this
+    # process (tests, notebooks, the demo) does not silently reuse this run's directory.
+    previous = os.environ.get(RUN_DIR_ENV)
+    try:
+        MMRetCLI(
+            LightningModule,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            args=argv,
+        )
+    finally:
+        if previous is None:
+            os.environ.pop(RUN_DIR_ENV, None)
+        else:
+            os.environ[RUN_DIR_ENV] = previous
     return 0

@@ -31,6 +31,9 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, err
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         fn(rank, world_size, *args)
+        # Leave together: a rank that tears gloo down while the other still talks to it can abort the other
+        # process ("terminate called without an active exception"), seen once on a loaded 2-core box.
+        dist.barrier()
     except BaseException:
         error_queue.put((rank, traceback.format_exc()))
         raise

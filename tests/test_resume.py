@@ -145,3 +145,23 @@ def test_sigkill_then_resume_continues_step_lr_and_loss(tmp_path, digits_root):
     ours, theirs = final_val(interrupted), final_val(straight)
     for key in ("val/image_retrieval_recall@5", "val/acc1"):
         assert abs(ours[key] - theirs[key]) < 0.15, (key, ours[key], theirs[key])
+
+
+def test_an_in_process_fit_leaves_no_run_dir_behind(tmp_path, digits_root, monkeypatch):
+    """`mmret fit` exports its run dir for DDP ranks while it runs; a second `mmret fit` in the same process
+    (tests, notebooks, the demo) must not silently write into the first one's directory."""
+    from mmret.cli import main
+    from mmret.training_cli import RUN_DIR_ENV
+
+    monkeypatch.delenv(RUN_DIR_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    common = ["fit", "--model", "mmret.modules.DualEncoder", "--model.model", "test-vit-micro",
+              "--data", "mmret.data.datamodule.RetrievalDataModule", "--data.train", str(digits_root / "val"),
+              "--data.samples_per_epoch", "8", "--data.batch_size", "8", "--data.num_workers", "0",
+              "--trainer.max_epochs", "1", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar",
+              "false", "--trainer.limit_val_batches", "0"]  # fmt: skip
+    assert main([*common, "--run_dir", str(tmp_path / "first")]) == 0
+    assert RUN_DIR_ENV not in os.environ
+    assert main(common) == 0  # no --run_dir: a fresh default directory, not "first"
+    assert len(list((tmp_path / "first" / "checkpoints").glob("*.ckpt"))) >= 1
+    assert [p.name for p in (tmp_path / "runs").iterdir()] != []
