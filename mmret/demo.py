@@ -42,6 +42,7 @@ from pathlib import Path
 import yaml
 from lightning.pytorch import Callback
 
+from mmret.data.atomic_output import write_text_atomic
 from mmret.errors import UsageError
 
 PIPELINE = Path(__file__).resolve().parents[1] / "experiments" / "demo" / "pipeline.yaml"
@@ -397,19 +398,6 @@ def display(argv: list[str]) -> str:
             part = str(Path(part).relative_to(cwd))
         parts.append(part if part and " " not in part else repr(part))
     return "mmret " + " ".join(parts)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def read_marker(path: Path) -> dict:

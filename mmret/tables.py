@@ -144,11 +144,9 @@ def run(args: argparse.Namespace) -> int:
         spec.decimals = args.decimals
     text = render(spec, args.format)
     if args.output:
-        output = Path(args.output)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        tmp = output.with_name(f".{output.name}.tmp")
-        tmp.write_text(text)
-        tmp.replace(output)
+        from mmret.data.atomic_output import write_text_atomic
+
+        output = write_text_atomic(args.output, text)
         print(f"mmret table: wrote {output}", file=sys.stderr)
     else:
         sys.stdout.write(text)

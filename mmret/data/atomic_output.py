@@ -3,6 +3,7 @@
     check_output_dir(path, overwrite)            # before any work: raises UsageError for a bad target
     with atomic_output_dir(path, overwrite) as work:
         ...write files into `work`...            # an exception here leaves no trace
+    write_text_atomic(path, text)                # one file: the old one or the new one, never half of it
 
 Where the work happens:
 - target missing: a hidden sibling `.NAME.partial-*` that is renamed to the target at the end (so readers,
@@ -24,6 +25,22 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from mmret.errors import UsageError
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write a text file all-or-nothing: a temporary sibling, fsync, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def looks_like_mmret_output(path: Path) -> bool:

@@ -373,17 +373,9 @@ def is_count(key: str) -> bool:
 
 def write_json_atomic(path: Path, content: dict) -> None:
     """Write JSON to a temporary sibling, fsync, rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(content, handle, indent=2, default=str)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    from mmret.data.atomic_output import write_text_atomic
+
+    write_text_atomic(path, json.dumps(content, indent=2, default=str) + "\n")
 
 
 def write_pictures(eval_set, sources, keys: dict[int, str], stem: Path, args, title: str) -> list[Path]:
