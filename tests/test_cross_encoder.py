@@ -219,3 +219,19 @@ def test_trailing_padding_does_not_change_fusion_scores():
         changed = states.clone()
         changed[0, 1] += 1.0
         assert not torch.allclose(fusion(changed, mask, patches)[0], fusion(states, mask, patches)[0])
+
+
+def test_fusion_image_positions_make_patch_order_matter():
+    from mmret.models.fusion import FusionScorer
+
+    torch.manual_seed(0)
+    states, mask, patches = torch.randn(2, 5, 8), torch.ones(2, 5, dtype=torch.bool), torch.randn(2, 4, 6)
+    shuffled = patches[:, torch.tensor([2, 0, 3, 1])]
+    plain = FusionScorer(text_width=8, image_width=6, width=16, layers=2, heads=2).eval()
+    placed = FusionScorer(text_width=8, image_width=6, width=16, layers=2, heads=2, image_positions=4).eval()
+    with torch.no_grad():
+        # attention over patches is a set operation: without positions where a patch is cannot matter
+        torch.testing.assert_close(plain(states, mask, shuffled), plain(states, mask, patches))
+        assert not torch.allclose(placed(states, mask, shuffled), placed(states, mask, patches))
+        with pytest.raises(ValueError, match="4 image tokens, got 3"):
+            placed(states, mask, patches[:, :3])

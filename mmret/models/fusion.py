@@ -87,15 +87,16 @@ def text_tokens(model: nn.Module, text: Tensor | Mapping) -> tuple[Tensor, Tenso
     return F.normalize(pooled, dim=-1), x, mask
 
 
-def tower_widths(model: nn.Module) -> tuple[int, int]:
-    """(text token width Wt, image patch width Wv) of an open_clip model, found by a tiny forward pass."""
+def tower_widths(model: nn.Module) -> tuple[int, int, int]:
+    """(text token width Wt, image patch width Wv, number of patch tokens P) of an open_clip model, found by a
+    tiny forward pass."""
     image_size = model.visual.image_size
     size = image_size if isinstance(image_size, (tuple, list)) else (image_size, image_size)
     context_length = getattr(text_tower(model), "context_length", None) or model.context_length
     with torch.no_grad():
         _, patches = image_tokens(model, torch.zeros(1, 3, *size))
         _, states, _ = text_tokens(model, torch.ones(1, context_length, dtype=torch.long))
-    return int(states.shape[-1]), int(patches.shape[-1])
+    return int(states.shape[-1]), int(patches.shape[-1]), int(patches.shape[1])
 
 
 class CrossAttention(nn.Module):
@@ -163,17 +164,23 @@ class FusionScorer(nn.Module):
         layers: number of fusion layers.
         heads: attention heads per layer.
         dropout: self-attention dropout.
+        image_positions: P > 0 adds a learned position embedding [P, width] to the P projected image tokens
+            (for towers whose final patch tokens keep little of where they are, as a frozen CLS-pooled ViT's
+            do); 0: none.
     """
 
     def __init__(
         self, text_width: int, image_width: int, width: int = 256, layers: int = 2, heads: int = 4,
-        dropout: float = 0.0,
+        dropout: float = 0.0, image_positions: int = 0,
     ) -> None:  # fmt: skip
         super().__init__()
         if width % heads:
             raise ValueError(f"fusion width {width} is not divisible by {heads} heads")
         self.text_proj = nn.Linear(text_width, width)
         self.image_proj = nn.Linear(image_width, width)
+        self.image_position = (
+            nn.Parameter(torch.randn(image_positions, width) * 0.02) if image_positions else None
+        )
         self.layers = nn.ModuleList(FusionLayer(width, heads, dropout=dropout) for _ in range(layers))
         self.norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, 1)
@@ -202,6 +209,12 @@ class FusionScorer(nn.Module):
             image_tokens = image_tokens[distinct]
         text = self.text_proj(text_states)  # [B, L, W]
         image = self.image_proj(image_tokens)  # [N, P, W]
+        if self.image_position is not None:
+            if image.shape[1] != self.image_position.shape[0]:
+                raise ValueError(
+                    f"fusion learned positions for {self.image_position.shape[0]} image tokens, got {image.shape[1]}"
+                )
+            image = image + self.image_position
         padding = ~text_mask
         for layer in self.layers:
             text = layer(text, padding, image, image_index)

@@ -4,8 +4,9 @@
 
 Network: the two towers of an open_clip model (initialised from a trained dual-encoder checkpoint, or any
 open_clip name / JSON config / `test-*` config) give text token states and image patch tokens; a few fusion
-layers (`mmret.models.fusion.FusionScorer`: text self-attention + cross-attention to the patches) and a score
-head turn each (text, image) pair into a logit. Either tower can be frozen.
+layers (`mmret.models.fusion.FusionScorer`: text self-attention + cross-attention to the patches, optionally with
+a learned position embedding of the patches) and a score head turn each (text, image) pair into a logit. Either
+tower can be frozen.
 
 Training signal (the ALBEF / BLIP recipe): every positive pair of the batch gets `num_negatives` hard negatives
 per direction — for a caption, images; for an image, captions — drawn from the batch gathered from ALL ranks,
@@ -110,6 +111,8 @@ class CrossEncoder(LightningModule):
         fusion_width: Width of the fusion layers.
         fusion_layers: Number of fusion layers (text self-attention + cross-attention to image patches + MLP).
         fusion_heads: Attention heads per fusion layer.
+        fusion_image_positions: Give the fusion layers a learned position embedding of the image tokens (the
+            final patch tokens of a frozen CLS-pooled ViT keep little of their position).
         num_negatives: Hard negatives per positive pair and direction.
         directions: "both": captions rank images and images rank captions; "text_to_image": only the first.
         negative_sampling: "similarity" (∝ softmax of similarity / sampling_temperature, ALBEF), "hardest"
@@ -142,6 +145,7 @@ class CrossEncoder(LightningModule):
         fusion_width: int = 256,
         fusion_layers: int = 2,
         fusion_heads: int = 4,
+        fusion_image_positions: bool = False,
         num_negatives: int = 7,
         directions: Literal["both", "text_to_image"] = "both",
         negative_sampling: Literal["similarity", "hardest", "uniform"] = "similarity",
@@ -186,8 +190,11 @@ class CrossEncoder(LightningModule):
             lock_image_tower(self.model, 0, True)
         if lock_text:
             lock_text_tower(self.model, 0, True)
-        text_width, image_width = tower_widths(self.model)
-        self.fusion = FusionScorer(text_width, image_width, fusion_width, fusion_layers, fusion_heads)
+        text_width, image_width, num_patches = tower_widths(self.model)
+        self.fusion = FusionScorer(
+            text_width, image_width, fusion_width, fusion_layers, fusion_heads,
+            image_positions=num_patches if fusion_image_positions else 0,
+        )  # fmt: skip
         if first_stage_residual:
             logit_scale = getattr(self.model, "logit_scale", None)
             initial = float(logit_scale.detach().exp()) if isinstance(logit_scale, torch.Tensor) else 10.0
