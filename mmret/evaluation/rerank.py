@@ -190,6 +190,15 @@ class PairScorer:
         ids = eval_set.image_ids.tolist()
         image_emb = torch.stack([patches_of_id[i][0] for i in ids])  # [N, D]
         patches = torch.stack([patches_of_id[i][1] for i in ids])  # [N, P, Wv]
+        return cls.for_images(reranker, eval_set, patches, image_emb, batch_size)
+
+    @classmethod
+    @torch.no_grad()
+    def for_images(
+        cls, reranker, eval_set: EmbeddedEvalSet, patches: Tensor, image_emb: Tensor, batch_size: int = 128
+    ):
+        """A scorer of the eval set's captions (run through the reranker's text tower here) against images
+        whose patch tokens [N, P, Wv] and pooled embeddings [N, D] (eval-set order) are already computed."""
         text_embs, states, masks = [], [], []
         for start in range(0, eval_set.num_texts, batch_size):
             text_emb, state, mask = reranker.encode_texts(eval_set.captions[start : start + batch_size])

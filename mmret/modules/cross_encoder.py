@@ -427,15 +427,8 @@ class CrossEncoder(LightningModule):
         ids = eval_set.image_ids.tolist()
         if eval_set.captions is None or any(i not in patches_of_id for i in ids):
             return
-        states, masks = [], []
-        for start in range(0, eval_set.num_texts, 256):
-            _, state, mask = self.encode_texts(eval_set.captions[start : start + 256])
-            states.append(state)
-            masks.append(mask)
-        scorer = PairScorer(
-            self, torch.cat(states), torch.cat(masks), torch.stack([patches_of_id[i] for i in ids]),
-            eval_set.text_emb, eval_set.image_emb,
-        )  # fmt: skip
+        patches = torch.stack([patches_of_id[i] for i in ids])  # [N, P, Wv]
+        scorer = PairScorer.for_images(self, eval_set, patches, eval_set.image_emb, batch_size=256)
         top_k = min(self.hparams.val_top_k, eval_set.num_images)
         reranked, ceiling = two_stage_metrics(eval_set, scorer, top_k)
         for name, value in {**reranked, **{f"ceiling/{k}": v for k, v in ceiling.items()}}.items():
