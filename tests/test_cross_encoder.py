@@ -235,3 +235,99 @@ def test_fusion_image_positions_make_patch_order_matter():
         assert not torch.allclose(placed(states, mask, shuffled), placed(states, mask, patches))
         with pytest.raises(ValueError, match="4 image tokens, got 3"):
             placed(states, mask, patches[:, :3])
+
+
+def test_grid_position_features_tell_rows_and_columns_apart():
+    from mmret.models.fusion import FusionScorer, grid_position_features
+
+    features = grid_position_features(3, 4, 16)  # row-major 3 x 4 grid
+    assert features.shape == (12, 16) and features.abs().max() <= 1.0
+    assert torch.cdist(features, features).add(torch.eye(12)).min() > 0.1  # every patch has its own code
+    columns, rows = features[:, :8], features[:, 8:]
+    torch.testing.assert_close(columns[1], columns[5])  # same column, other row: the column half agrees
+    torch.testing.assert_close(rows[4], rows[7])  # same row, other column: the row half agrees
+    assert not torch.allclose(columns[1], columns[2]) and not torch.allclose(rows[0], rows[4])
+    with pytest.raises(ValueError, match="divisible by 4"):
+        grid_position_features(2, 2, 10)
+
+    torch.manual_seed(0)
+    states, mask, patches = torch.randn(2, 5, 8), torch.ones(2, 5, dtype=torch.bool), torch.randn(2, 4, 6)
+    placed = FusionScorer(text_width=8, image_width=6, width=16, layers=2, heads=2, image_grid=(2, 2)).eval()
+    assert not any("grid" in name for name in placed.state_dict())  # fixed: recomputed, never stored
+    with torch.no_grad():
+        assert not torch.allclose(placed(states, mask, patches[:, [2, 0, 3, 1]]), placed(states, mask, patches))
+        with pytest.raises(ValueError, match="grid positions for 4 image tokens, got 3"):
+            placed(states, mask, patches[:, :3])
+
+
+def test_patch_embeddings_are_the_towers_input_tokens_beside_its_final_ones():
+    from mmret.models.fusion import image_tokens
+
+    module = CrossEncoder(model="test-vit-micro", fusion_width=32, fusion_layers=1, fusion_heads=2,
+                          fusion_patch_embeddings=True, fusion_grid_positions=True)  # fmt: skip
+    module.eval()
+    visual = module.model.visual
+    images = fake_batch(module, ["a", "b"], [0, 1])["image"]
+    with torch.no_grad():
+        pooled, final = image_tokens(module.model, images)
+        pooled_both, both = module.encode_images(images)
+        # the tower's input tokens, computed by hand: patchify, class token, positions, ln_pre
+        x = visual.conv1(images).flatten(2).transpose(1, 2)
+        x = torch.cat([visual.class_embedding.expand(x.shape[0], 1, -1), x], dim=1) + visual.positional_embedding
+        inputs = visual.ln_pre(x)[:, 1:]
+        width = final.shape[-1]
+        assert both.shape == (2, final.shape[1], 2 * width)
+        torch.testing.assert_close(both[..., :width], final)
+        torch.testing.assert_close(both[..., width:], inputs)
+        torch.testing.assert_close(pooled_both, pooled)
+        assert not visual.ln_pre._forward_hooks  # the hook is gone afterwards
+        assert module.fusion.image_proj.in_features == 2 * width
+        scores = module.score(["a red circle", "a blue square"], images)
+    assert scores.shape == (2,) and torch.isfinite(scores).all()
+
+
+def test_pixel_stem_tokens_and_every_trainable_parameter_is_optimised():
+    module = CrossEncoder(model="test-vit-micro", fusion_width=32, fusion_layers=1, fusion_heads=2,
+                          fusion_pixel_stem=True, lock_image=True, lock_text=True)  # fmt: skip
+    images = fake_batch(module, ["a", "b"], [0, 1])["image"]
+    _, final = module.encode_images(images)
+    grid = module.model.visual.grid_size
+    assert final.shape[1] == grid[0] * grid[1] and final.shape[-1] == module.fusion.image_proj.in_features
+    # the stem's token of a patch sees that patch's pixels: change the top-left corner, token 0 moves, not the last
+    changed = images.clone()
+    changed[:, :, :2, :2] += 1.0
+    with torch.no_grad():
+        before, after = module.pixel_stem(images), module.pixel_stem(changed)
+    assert not torch.allclose(before[:, 0], after[:, 0]) and torch.allclose(before[:, -1], after[:, -1])
+    # the optimizer sees the fusion, the stem and the first-stage scale; the locked towers stay out
+    optimised = {id(p) for group in module.optimizer_groups() for p in group["params"]}
+    trainable = {name for name, p in module.named_parameters() if p.requires_grad}
+    assert {name for name, p in module.named_parameters() if id(p) in optimised} == trainable
+    assert "first_stage_scale" in trainable and any(name.startswith("pixel_stem.") for name in trainable)
+    module.training_step(fake_batch(module, ["a", "b", "c"], [0, 1, 2]), 0).backward()
+    assert module.pixel_stem.convs[0].weight.grad is not None
+    with pytest.raises(Exception, match="power-of-two patch size"):
+        from mmret.models.fusion import PixelStem
+
+        PixelStem(14, 32)
+
+
+def test_augment_false_trains_on_the_evaluation_transform():
+    from types import SimpleNamespace
+
+    seen = {}
+
+    class Recorder:
+        def set_preprocess(self, image_transform, tokenizer, eval_image_transform):
+            seen.update(train=repr(image_transform), eval=repr(eval_image_transform))
+
+    for augment in (True, False):
+        module = CrossEncoder(model="test-vit-micro", fusion_width=32, fusion_layers=1, fusion_heads=2,
+                              augment=augment)  # fmt: skip
+        module._trainer = SimpleNamespace(datamodule=Recorder())
+        module.setup("fit")
+        assert "RandomResizedCrop" not in seen["eval"]
+        if augment:
+            assert "RandomResizedCrop" in seen["train"]
+        else:
+            assert seen["train"] == seen["eval"]

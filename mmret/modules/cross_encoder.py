@@ -4,9 +4,12 @@
 
 Network: the two towers of an open_clip model (initialised from a trained dual-encoder checkpoint, or any
 open_clip name / JSON config / `test-*` config) give text token states and image patch tokens; a few fusion
-layers (`mmret.models.fusion.FusionScorer`: text self-attention + cross-attention to the patches, optionally with
-a learned position embedding of the patches) and a score head turn each (text, image) pair into a logit. Either
-tower can be frozen.
+layers (`mmret.models.fusion.FusionScorer`: text self-attention + cross-attention to the patches) and a score
+head turn each (text, image) pair into a logit. Either tower can be frozen. What the fusion sees of an image is
+configurable: the tower's final patch tokens, plus its patch embeddings (`fusion_patch_embeddings`), plus the
+tokens of a small trainable convolutional stem on the pixels (`fusion_pixel_stem`), with fixed 2-D sin-cos
+positions of the patch grid (`fusion_grid_positions`) and/or a learned position embedding
+(`fusion_image_positions`) added.
 
 Training signal (the ALBEF / BLIP recipe): every positive pair of the batch gets `num_negatives` hard negatives
 per direction — for a caption, images; for an image, captions — drawn from the batch gathered from ALL ranks,
@@ -46,7 +49,7 @@ from mmret.models import (
     lock_text_tower,
     param_groups_for_weight_decay,
 )
-from mmret.models.fusion import FusionScorer, image_tokens, text_tokens, tower_widths
+from mmret.models.fusion import FusionScorer, PixelStem, image_tokens, text_tokens, tower_widths
 from mmret.modules.dual_encoder import warmup_cosine
 
 
@@ -113,6 +116,18 @@ class CrossEncoder(LightningModule):
         fusion_heads: Attention heads per fusion layer.
         fusion_image_positions: Give the fusion layers a learned position embedding of the image tokens (the
             final patch tokens of a frozen CLS-pooled ViT keep little of their position).
+        fusion_grid_positions: Add fixed 2-D sin-cos features of each patch's row and column to the image tokens
+            in the fusion (`mmret.models.fusion.grid_position_features`): where a patch is, readable from the
+            first step. With them the shapes reranker learns word order and binding; with the learned
+            embedding alone its fusion stayed on a plateau (README, "Reranking").
+        fusion_patch_embeddings: Give the fusion each patch's input embedding (the image tower's `ln_pre`
+            output: that patch's own pixels and place) beside its final token, concatenated.
+        fusion_pixel_stem: Give the fusion a small convolutional network of its own, trained with it, that reads
+            the image's pixels and adds a token per patch (`mmret.models.fusion.PixelStem`, fusion_width wide),
+            concatenated to the tower's tokens — local shape evidence that does not depend on what the frozen
+            tower learnt to tell apart.
+        augment: Train on the towers' training transform (open_clip's random resized crop); False: on the
+            evaluation transform, the exact images the reranker will score.
         num_negatives: Hard negatives per positive pair and direction.
         directions: "both": captions rank images and images rank captions; "text_to_image": only the first.
         negative_sampling: "similarity" (∝ softmax of similarity / sampling_temperature, ALBEF), "hardest"
@@ -146,6 +161,10 @@ class CrossEncoder(LightningModule):
         fusion_layers: int = 2,
         fusion_heads: int = 4,
         fusion_image_positions: bool = False,
+        fusion_grid_positions: bool = False,
+        fusion_patch_embeddings: bool = False,
+        fusion_pixel_stem: bool = False,
+        augment: bool = True,
         num_negatives: int = 7,
         directions: Literal["both", "text_to_image"] = "both",
         negative_sampling: Literal["similarity", "hardest", "uniform"] = "similarity",
@@ -190,10 +209,21 @@ class CrossEncoder(LightningModule):
             lock_image_tower(self.model, 0, True)
         if lock_text:
             lock_text_tower(self.model, 0, True)
-        text_width, image_width, num_patches = tower_widths(self.model)
+        text_width, image_width, num_patches = tower_widths(self.model, fusion_patch_embeddings)
+        self.pixel_stem = None
+        if fusion_pixel_stem:
+            patch = getattr(self.model.visual, "patch_size", None)
+            patch = patch[0] if isinstance(patch, (tuple, list)) else patch
+            try:
+                self.pixel_stem = PixelStem(int(patch or 0), fusion_width)
+            except ValueError as error:
+                tower = type(self.model.visual).__name__
+                raise UsageError(f"model.fusion_pixel_stem: {error} (image tower {tower})") from None
+            image_width += fusion_width
         self.fusion = FusionScorer(
             text_width, image_width, fusion_width, fusion_layers, fusion_heads,
             image_positions=num_patches if fusion_image_positions else 0,
+            image_grid=_patch_grid(self.model, num_patches) if fusion_grid_positions else None,
         )  # fmt: skip
         if first_stage_residual:
             logit_scale = getattr(self.model, "logit_scale", None)
@@ -213,8 +243,15 @@ class CrossEncoder(LightningModule):
         return self._tokenizer
 
     def encode_images(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """images [B, 3, H, W] -> pooled normalised embedding [B, D], patch tokens [B, P, Wv]."""
-        return image_tokens(self.model, images)
+        """images [B, 3, H, W] -> pooled normalised embedding [B, D], the fusion's image tokens [B, P, Wv]
+        (the tower's final patch tokens, then its patch embeddings and the pixel stem's tokens if enabled)."""
+        pooled, tokens = image_tokens(self.model, images, self.hparams.fusion_patch_embeddings)
+        if self.pixel_stem is None:
+            return pooled, tokens
+        stem = self.pixel_stem(images)  # [B, P', W]
+        if stem.shape[1] != tokens.shape[1]:
+            raise ValueError(f"pixel stem gives {stem.shape[1]} tokens, the image tower {tokens.shape[1]}")
+        return pooled, torch.cat([tokens, stem.to(tokens.dtype)], dim=-1)
 
     def encode_texts(self, text: Tensor | Mapping | list[str]) -> tuple[Tensor, Tensor, Tensor]:
         """Tokens [B, L] (or caption strings) -> pooled embedding [B, D], states [B, L, Wt], mask [B, L]."""
@@ -264,7 +301,7 @@ class CrossEncoder(LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "set_preprocess"):
             datamodule.set_preprocess(
-                image_transform=create_transforms(self.model, train=True),
+                image_transform=create_transforms(self.model, train=self.hparams.augment),
                 tokenizer=self.tokenizer,
                 eval_image_transform=create_transforms(self.model, train=False),
             )
@@ -380,12 +417,19 @@ class CrossEncoder(LightningModule):
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
         return loss
 
+    def optimizer_groups(self) -> list[dict]:
+        """AdamW groups: the reranker's own parts (fusion, pixel stem, first-stage scale) at `lr`, the unfrozen
+        tower parameters at `lr × tower_lr_scale`; no weight decay on norms, biases, embeddings and scales."""
+        head = torch.nn.ModuleList([self.fusion] + ([self.pixel_stem] if self.pixel_stem is not None else []))
+        groups = param_groups_for_weight_decay(head, self.hparams.weight_decay)
+        if self.hparams.first_stage_residual:
+            groups.append({"params": [self.first_stage_scale], "weight_decay": 0.0})
+        for group in param_groups_for_weight_decay(self.model, self.hparams.weight_decay):
+            groups.append({**group, "lr": self.hparams.lr * self.hparams.tower_lr_scale})
+        return groups
+
     def configure_optimizers(self):
-        fusion_groups = param_groups_for_weight_decay(self.fusion, self.hparams.weight_decay)
-        tower_groups = param_groups_for_weight_decay(self.model, self.hparams.weight_decay)
-        for group in tower_groups:
-            group["lr"] = self.hparams.lr * self.hparams.tower_lr_scale
-        optimizer = torch.optim.AdamW(fusion_groups + tower_groups, lr=self.hparams.lr, betas=(0.9, 0.98))
+        optimizer = torch.optim.AdamW(self.optimizer_groups(), lr=self.hparams.lr, betas=(0.9, 0.98))
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = min(self.hparams.warmup_steps, total_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -451,6 +495,17 @@ def _append_negatives(
         torch.cat([positives, torch.zeros_like(extra_valid)], dim=1),
         torch.cat([valid, extra_valid], dim=1),
     )
+
+
+def _patch_grid(model: torch.nn.Module, num_patches: int) -> tuple[int, int]:
+    """(rows, columns) of an open_clip ViT's patch grid, checked against its number of patch tokens."""
+    grid = getattr(model.visual, "grid_size", None)
+    if grid is None or int(grid[0]) * int(grid[1]) != num_patches:
+        raise UsageError(
+            f"model.fusion_grid_positions needs an image tower with a patch grid; "
+            f"{type(model.visual).__name__} gives {num_patches} tokens and grid_size {grid}"
+        )
+    return int(grid[0]), int(grid[1])
 
 
 def _gather_plain(tensor: Tensor) -> Tensor:
