@@ -148,6 +148,31 @@ def test_locked_towers_get_no_gradient():
     assert module.fusion.head.weight.grad is not None
 
 
+def test_contrastive_weight_adds_open_clips_clip_loss_and_trains_the_logit_scale():
+    from open_clip.loss import ClipLoss
+
+    options = dict(model="test-vit-micro", fusion_width=32, fusion_layers=1, fusion_heads=2, num_negatives=2)
+    torch.manual_seed(0)
+    joint = CrossEncoder(**options, contrastive_weight=0.5).train()
+    plain = CrossEncoder(**options).train()
+    plain.load_state_dict(joint.state_dict())
+    captions = ["a red circle", "a blue square", "a green diamond", "a big purple square"]
+    batch = fake_batch(joint, captions, [0, 1, 2, 3])
+    torch.manual_seed(1)
+    loss_joint = joint.training_step(batch, 0)
+    torch.manual_seed(1)
+    loss_plain = plain.training_step(batch, 0)
+    with torch.no_grad():
+        image_emb, _ = joint.encode_images(batch["image"])
+        text_emb = joint.encode_texts(batch["text"])[0]
+        reference = ClipLoss()(image_emb, text_emb, joint.model.logit_scale.exp())
+    torch.testing.assert_close(loss_joint.detach() - loss_plain.detach(), 0.5 * reference, rtol=1e-4, atol=1e-5)
+    loss_joint.backward()
+    assert joint.model.logit_scale.grad is not None and joint.model.logit_scale.grad.abs() > 0
+    loss_plain.backward()
+    assert plain.model.logit_scale.grad is None  # without the term nothing reads the tower's temperature
+
+
 def test_bad_options_are_refused():
     from mmret.errors import UsageError
 
@@ -155,6 +180,10 @@ def test_bad_options_are_refused():
         CrossEncoder(model="test-vit-micro", loss="hinge")
     with pytest.raises(UsageError, match="num_negatives"):
         CrossEncoder(model="test-vit-micro", num_negatives=0)
+    with pytest.raises(UsageError, match="contrastive_weight"):
+        CrossEncoder(model="test-vit-micro", contrastive_weight=1.0, lock_image=True, lock_text=True)
+    with pytest.raises(UsageError, match="contrastive_weight"):
+        CrossEncoder(model="test-vit-micro", contrastive_weight=-1.0)
 
 
 # ---- end to end: a dual encoder, then a reranker initialised from it ----------------------------------------

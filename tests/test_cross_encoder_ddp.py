@@ -1,5 +1,6 @@
 """The CrossEncoder under 2-process DDP (gloo, CPU): negatives come from every rank, never with the query's
-id, and the gradients equal one process on the concatenated batch.
+id, and the gradients (listwise loss plus the towers' contrastive term) equal one process on the concatenated
+batch.
 
     .venv/bin/pytest tests/test_cross_encoder_ddp.py -q -m ddp
 """
@@ -20,7 +21,8 @@ def _module(gather: bool):
 
     torch.manual_seed(0)
     return CrossEncoder(model="test-vit-micro", fusion_width=32, fusion_layers=1, fusion_heads=2,
-                        num_negatives=3, negative_sampling="hardest", gather=gather)  # fmt: skip
+                        num_negatives=3, negative_sampling="hardest", gather=gather,
+                        contrastive_weight=0.5)  # fmt: skip
 
 
 def _batch(module, rows):
