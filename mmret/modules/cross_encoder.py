@@ -147,7 +147,7 @@ class CrossEncoder(LightningModule):
         contrastive_weight: w > 0 adds w × the dual encoder's InfoNCE loss on the towers' pooled embeddings over
             the (gathered) batch, ALBEF's image-text contrastive term: with unfrozen towers it keeps their
             embedding space, which the fusion's gradient alone tears apart (measured on shapes: the towers'
-            own val recall@1 fell from 0.58 to 0.02 within two epochs), and the towers keep learning what the
+            own val recall@1 fell from 0.58 to 0.02 after one epoch), and the towers keep learning what the
             dual encoder learns. Needs an unfrozen tower.
         lr: Peak AdamW learning rate.
         tower_lr_scale: Learning rate of unfrozen towers as a fraction of `lr`.
