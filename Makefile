@@ -20,7 +20,6 @@ demo: $(STAMP)
 
 # Every tier that can run without a GPU: default, slow, ddp, slurm.
 test: $(STAMP)
-	$(VENV)/bin/ruff check mmret tests experiments
 	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
@@ -29,9 +28,11 @@ test-fast: $(STAMP)
 test-gpu: $(STAMP)
 	$(PY) -m pytest -m gpu $(PYTEST_ARGS)
 
+# ruff (lint + format) and the layers of mmret/ (import-linter's contract in pyproject.toml: imports point down).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check mmret tests experiments
 	$(VENV)/bin/ruff format --check mmret tests experiments
+	$(VENV)/bin/lint-imports --no-cache
 
 clean:
 	rm -rf $(VENV) data runs

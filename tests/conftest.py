@@ -35,14 +35,18 @@ def digits_root(tmp_path_factory):
 def trained_checkpoint(tmp_path_factory, digits_root):
     """A tiny DualEncoder (test-vit-micro) trained for 2 steps on digits by `mmret fit`: its last.ckpt."""
     from mmret.cli import main
+    from tests.fit_args import DUAL_ENCODER, fit_argv
 
     run_dir = tmp_path_factory.mktemp("tiny_dual_run")
-    code = main([
-        "fit", "--model", "mmret.modules.DualEncoder", "--model.model", "test-vit-micro",
-        "--model.warmup_steps", "1", "--data", "mmret.data.datamodule.RetrievalDataModule",
-        "--data.train", str(digits_root / "train"), "--data.samples_per_epoch", "32", "--data.batch_size", "16",
-        "--data.num_workers", "0", "--trainer.max_epochs", "1", "--trainer.accelerator", "cpu",
-        "--trainer.enable_progress_bar", "false", "--run_dir", str(run_dir),
-    ])  # fmt: skip
+    code = main(
+        fit_argv(
+            module=DUAL_ENCODER,
+            model_args={"warmup_steps": 1},
+            train=digits_root / "train",
+            samples_per_epoch=32,
+            max_epochs=1,
+            run_dir=run_dir,
+        )
+    )
     assert code == 0
     return run_dir / "checkpoints" / "last.ckpt"

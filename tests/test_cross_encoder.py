@@ -11,11 +11,12 @@ import json
 import pytest
 import torch
 
-from mmret.checkpoints import load_cross_encoder, read_checkpoint
 from mmret.cli import main
 from mmret.losses import listwise_infonce_loss
-from mmret.modules import CrossEncoder
-from mmret.modules.cross_encoder import sample_hard_negatives
+from mmret.training import CrossEncoder
+from mmret.training.checkpoint_io import read_checkpoint
+from mmret.training.cross_encoder import sample_hard_negatives
+from tests.fit_args import CROSS_ENCODER, DUAL_ENCODER, fit_argv
 
 
 # ---- the online sampler ---------------------------------------------------------------------------------------
@@ -166,7 +167,9 @@ def test_contrastive_weight_adds_open_clips_clip_loss_and_trains_the_logit_scale
         image_emb, _ = joint.encode_images(batch["image"])
         text_emb = joint.encode_texts(batch["text"])[0]
         reference = ClipLoss()(image_emb, text_emb, joint.model.logit_scale.exp())
-    torch.testing.assert_close(loss_joint.detach() - loss_plain.detach(), 0.5 * reference, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        loss_joint.detach() - loss_plain.detach(), 0.5 * reference, rtol=1e-4, atol=1e-5
+    )
     loss_joint.backward()
     assert joint.model.logit_scale.grad is not None and joint.model.logit_scale.grad.abs() > 0
     loss_plain.backward()
@@ -189,19 +192,17 @@ def test_bad_options_are_refused():
 # ---- end to end: a dual encoder, then a reranker initialised from it ----------------------------------------
 @pytest.fixture(scope="module")
 def trained_pair(tmp_path_factory, digits_root):
-    common = ["--data", "mmret.data.datamodule.RetrievalDataModule", "--data.train", str(digits_root / "train"),
-              "--data.samples_per_epoch", "32", "--data.batch_size", "16", "--data.num_workers", "0",
-              "--trainer.max_epochs", "1", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar",
-              "false", "--trainer.limit_val_batches", "0"]  # fmt: skip
+    common = dict(train=digits_root / "train", samples_per_epoch=32, max_epochs=1, limit_val_batches=0)
     dual_dir = tmp_path_factory.mktemp("dual_run")
-    assert main(["fit", "--model", "mmret.modules.DualEncoder", "--model.model", "test-vit-micro",
-                 "--model.warmup_steps", "1", *common, "--run_dir", str(dual_dir)]) == 0  # fmt: skip
+    assert (
+        main(fit_argv(module=DUAL_ENCODER, model_args={"warmup_steps": 1}, run_dir=dual_dir, **common)) == 0
+    )
     dual = dual_dir / "checkpoints" / "last.ckpt"
     reranker_dir = tmp_path_factory.mktemp("reranker_run")
-    assert main(["fit", "--model", "mmret.modules.CrossEncoder", "--model.dual_encoder", str(dual),
-                 "--model.fusion_width", "32", "--model.fusion_layers", "1", "--model.fusion_heads", "2",
-                 "--model.num_negatives", "3", "--model.lock_image", "true", "--model.warmup_steps", "1",
-                 *common, "--run_dir", str(reranker_dir)]) == 0  # fmt: skip
+    reranker_args = {"dual_encoder": dual, "fusion_width": 32, "fusion_layers": 1, "fusion_heads": 2,
+                     "num_negatives": 3, "lock_image": True, "warmup_steps": 1}  # fmt: skip
+    assert main(fit_argv(module=CROSS_ENCODER, model=None, model_args=reranker_args, run_dir=reranker_dir,
+                         **common)) == 0  # fmt: skip
     return dual, reranker_dir / "checkpoints" / "last.ckpt"
 
 
@@ -210,12 +211,12 @@ def test_fit_writes_a_cross_encoder_checkpoint_that_loads_alone(trained_pair):
     dual, reranker_ckpt = trained_pair
     checkpoint = read_checkpoint(reranker_ckpt, "cross_encoder")
     assert checkpoint["mmret"]["model"] == "test-vit-micro"
-    module = load_cross_encoder(reranker_ckpt)
+    module = CrossEncoder.from_checkpoint(reranker_ckpt)
     dual_weights = torch.load(dual, map_location="cpu", weights_only=False)["state_dict"]
     # the image tower was locked: it still holds the dual encoder's trained weights
     torch.testing.assert_close(module.model.visual.conv1.weight, dual_weights["model.visual.conv1.weight"])
     images = torch.randn(2, 3, 32, 32)
-    again = load_cross_encoder(reranker_ckpt)
+    again = CrossEncoder.from_checkpoint(reranker_ckpt)
     with torch.no_grad():
         torch.testing.assert_close(module.score(["a 1", "a 2"], images), again.score(["a 1", "a 2"], images))
     exported = reranker_ckpt.parent / "exported"
@@ -284,7 +285,9 @@ def test_grid_position_features_tell_rows_and_columns_apart():
     placed = FusionScorer(text_width=8, image_width=6, width=16, layers=2, heads=2, image_grid=(2, 2)).eval()
     assert not any("grid" in name for name in placed.state_dict())  # fixed: recomputed, never stored
     with torch.no_grad():
-        assert not torch.allclose(placed(states, mask, patches[:, [2, 0, 3, 1]]), placed(states, mask, patches))
+        assert not torch.allclose(
+            placed(states, mask, patches[:, [2, 0, 3, 1]]), placed(states, mask, patches)
+        )
         with pytest.raises(ValueError, match="grid positions for 4 image tokens, got 3"):
             placed(states, mask, patches[:, :3])
 
@@ -302,7 +305,10 @@ def test_patch_embeddings_are_the_towers_input_tokens_beside_its_final_ones():
         pooled_both, both = module.encode_images(images)
         # the tower's input tokens, computed by hand: patchify, class token, positions, ln_pre
         x = visual.conv1(images).flatten(2).transpose(1, 2)
-        x = torch.cat([visual.class_embedding.expand(x.shape[0], 1, -1), x], dim=1) + visual.positional_embedding
+        x = (
+            torch.cat([visual.class_embedding.expand(x.shape[0], 1, -1), x], dim=1)
+            + visual.positional_embedding
+        )
         inputs = visual.ln_pre(x)[:, 1:]
         width = final.shape[-1]
         assert both.shape == (2, final.shape[1], 2 * width)

@@ -17,7 +17,7 @@ IDS = [0, 1, 2, 3, 1, 5]  # id 1 on both ranks: a sample seen twice must never b
 
 
 def _module(gather: bool):
-    from mmret.modules import CrossEncoder
+    from mmret.training import CrossEncoder
 
     torch.manual_seed(0)
     return CrossEncoder(model="test-vit-micro", fusion_width=32, fusion_layers=1, fusion_heads=2,
@@ -36,7 +36,7 @@ def _batch(module, rows):
 def _worker(rank: int, world_size: int) -> None:
     import torch.distributed as dist
 
-    from mmret.modules import cross_encoder
+    from mmret.training import cross_encoder
 
     picks = []
     original = cross_encoder.sample_hard_negatives

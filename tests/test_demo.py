@@ -15,8 +15,12 @@ import torch
 import yaml
 
 from mmret.cli import main
-from mmret.demo import PIPELINE, STAGES
+from mmret.cli.demo import PIPELINE as PIPELINE_NAME
+from mmret.cli.demo import STAGES
+from mmret.resources import shipped_path
 from tests.demo_fixture import quick_demo  # noqa: F401  (fixture)
+
+PIPELINE = shipped_path(PIPELINE_NAME)
 
 TABLE_LINE = re.compile(r"^\|.*\|$", re.MULTILINE)
 

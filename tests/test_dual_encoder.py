@@ -14,8 +14,9 @@ import torch
 
 from mmret.cli import main
 from mmret.data.datamodule import RetrievalDataModule
-from mmret.modules import DualEncoder
-from mmret.modules.dual_encoder import group_text_queries, warmup_cosine
+from mmret.training import DualEncoder
+from mmret.training.dual_encoder import group_text_queries, warmup_cosine
+from tests.fit_args import DUAL_ENCODER, fit_argv
 
 
 def fixed_batch(model: DualEncoder, batch_size: int = 8, seed: int = 0) -> dict:
@@ -48,8 +49,15 @@ class BatchList(torch.utils.data.Dataset):
 
 def fit_steps(model: DualEncoder, batches: list[dict], **trainer_kwargs) -> L.Trainer:
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, **trainer_kwargs,
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        **trainer_kwargs,
     )
     loader = torch.utils.data.DataLoader(BatchList(batches), batch_size=None)
     trainer.fit(model, train_dataloaders=loader)
@@ -72,7 +80,9 @@ def test_locked_image_tower_is_bit_identical_after_a_step():
     fit_steps(model, [fixed_batch(model)] * 2)
     for name, value in model.model.visual.state_dict().items():
         assert torch.equal(value, before_visual[name]), name
-    changed = [k for k, v in model.model.transformer.state_dict().items() if not torch.equal(v, before_text[k])]
+    changed = [
+        k for k, v in model.model.transformer.state_dict().items() if not torch.equal(v, before_text[k])
+    ]
     assert changed, "the unlocked text tower did not train"
     optimized = {id(p) for group in model.optimizer_param_groups() for p in group["params"]}
     assert not any(id(p) in optimized for p in model.model.visual.parameters())
@@ -114,12 +124,18 @@ def test_gradcache_step_equals_plain_step():
 
 
 def test_accumulate_grad_batches_is_a_clear_configuration_error(tmp_path, capsys):
-    code = main([
-        "fit", "--model", "mmret.modules.DualEncoder", "--model.model", "test-vit-micro",
-        "--data", "mmret.data.datamodule.RetrievalDataModule", "--data.dataset", "digits",
-        "--data.data_root", str(tmp_path / "data"), "--trainer.accumulate_grad_batches", "4",
-        "--trainer.accelerator", "cpu", "--run_dir", str(tmp_path / "run"),
-    ])
+    code = main(
+        fit_argv(
+            module=DUAL_ENCODER,
+            dataset="digits",
+            data_root=tmp_path / "data",
+            batch_size=None,
+            num_workers=None,
+            trainer_args={"accumulate_grad_batches": 4},
+            progress_bar=None,
+            run_dir=tmp_path / "run",
+        )
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert len(err) == 1 and "accumulate_grad_batches" in err[0] and "gradcache_chunk_size" in err[0]
@@ -155,16 +171,32 @@ def test_group_text_queries_merges_identical_captions_in_hash_order():
 def test_fit_on_digits_logs_validation_metrics(tmp_path, digits_root):
     model = DualEncoder(model="test-vit-micro", warmup_steps=2, lr=1e-3)
     data = RetrievalDataModule(
-        train=str(digits_root / "train"), val=str(digits_root / "val"), batch_size=32, num_workers=0,
+        train=str(digits_root / "train"),
+        val=str(digits_root / "val"),
+        batch_size=32,
+        num_workers=0,
         samples_per_epoch=128,
     )
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(model, datamodule=data)
     metrics = trainer.callback_metrics
     assert trainer.global_step == 4
-    for key in ("val/image_retrieval_recall@1", "val/text_retrieval_recall@5", "val/acc1", "val/acc5",
-                "val/image_retrieval_ndcg@10"):
+    for key in (
+        "val/image_retrieval_recall@1",
+        "val/text_retrieval_recall@5",
+        "val/acc1",
+        "val/acc5",
+        "val/image_retrieval_ndcg@10",
+    ):
         assert key in metrics, sorted(metrics)
         assert 0.0 <= float(metrics[key]) <= 1.0
     assert int(metrics["val/num_images"]) == 200  # every val image exactly once

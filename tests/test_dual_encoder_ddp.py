@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mmret.data.datamodule import RetrievalDataModule
-from mmret.modules import DualEncoder
+from mmret.training import DualEncoder
 
 TRAIN_KEYS = ("image", "text", "sample_id", "label")
 
@@ -30,7 +30,7 @@ class RankSlices(L.LightningDataModule):
         local = []
         for batch in self.global_batches:
             rows = batch["image"].shape[0] // world
-            local.append({key: batch[key][rank * rows:(rank + 1) * rows] for key in TRAIN_KEYS})
+            local.append({key: batch[key][rank * rows : (rank + 1) * rows] for key in TRAIN_KEYS})
         return torch.utils.data.DataLoader(local, batch_size=None)
 
 
@@ -71,9 +71,17 @@ def train(batches: list[dict], devices: int, out_dir, loss: str) -> list[float]:
     torch.manual_seed(0)
     model = DualEncoder(model="test-vit-micro", loss=loss, warmup_steps=2, lr=2e-3)
     trainer = L.Trainer(
-        accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto", max_epochs=1,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, callbacks=[LossRecorder(str(out_dir))], deterministic=True,
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp_spawn" if devices > 1 else "auto",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[LossRecorder(str(out_dir))],
+        deterministic=True,
         use_distributed_sampler=False,  # RankSlices already gives each rank its slice
     )
     trainer.fit(model, datamodule=RankSlices(batches))
@@ -93,5 +101,7 @@ def test_two_ranks_follow_the_single_process_loss_curve_with_twice_the_batch(tmp
     single = train(batches, 1, tmp_path / "single", loss)
     ddp = train(batches, 2, tmp_path / "ddp", loss)
     assert len(single) == len(ddp) == 4
-    assert single[0] != pytest.approx(single[-1], abs=1e-3), "the loss did not move: the check would be vacuous"
+    assert single[0] != pytest.approx(single[-1], abs=1e-3), (
+        "the loss did not move: the check would be vacuous"
+    )
     torch.testing.assert_close(torch.tensor(ddp), torch.tensor(single), rtol=0, atol=1e-5)

@@ -18,7 +18,8 @@ import torch
 from PIL import Image
 
 from mmret.cli import main
-from mmret.evaluation.metrics import compute_retrieval_metrics, embedding_scores
+from mmret.evaluation.metrics import build_text_queries, retrieval_metrics
+from mmret.evaluation.ranking import compute_retrieval_metrics, embedding_scores
 from mmret.evaluation.retrieval import (
     EvalSetEmbedder,
     candidate_score_fn,
@@ -26,7 +27,6 @@ from mmret.evaluation.retrieval import (
     recall_curves,
     top_k_candidates,
 )
-from mmret.evaluation.scoring import build_text_queries, retrieval_metrics
 from tests.shard_fixtures import write_img2dataset_shards, write_shards
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -129,7 +129,7 @@ def test_top_k_candidates_rescored_with_first_stage_scores_keep_recall_up_to_k()
     )
     query_emb = torch.nn.functional.normalize(query_emb, dim=1)
     candidate_emb = torch.nn.functional.normalize(candidate_emb, dim=1)
-    from mmret.evaluation.metrics import Relevance
+    from mmret.evaluation.ranking import Relevance
 
     relevance = Relevance.from_lists([[q % 30, (q + 11) % 30] if q % 2 else [q % 30] for q in range(40)], 30)
     full = compute_retrieval_metrics(embedding_scores(query_emb, candidate_emb), relevance, ks=(1, 5, 10))
@@ -251,13 +251,13 @@ def test_eval_pictures_are_valid_pngs(digits_results):
 
 @pytest.mark.slow
 def test_eval_metrics_equal_a_direct_computation(digits_results, trained_checkpoint, digits_root):
-    from mmret.checkpoints import load_dual_encoder
     from mmret.data.samples import SkipCounter, decode_sample, iter_shard
-    from mmret.evaluation.scoring import build_zeroshot_classifier, zeroshot_metrics
+    from mmret.evaluation.metrics import build_zeroshot_classifier, zeroshot_metrics
     from mmret.models import create_transforms
+    from mmret.training import DualEncoder
 
     _, results = digits_results
-    model = load_dual_encoder(trained_checkpoint)
+    model = DualEncoder.from_checkpoint(trained_checkpoint)
     transform = create_transforms(model.model, train=False)
     info = json.loads((digits_root / "test" / "dataset.json").read_text())
     samples = [

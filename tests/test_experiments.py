@@ -39,16 +39,45 @@ def test_header_states_command_runtime_and_result(path):
 def test_smoke_form_trains_and_validates(path, tmp_path, digits_root, monkeypatch):
     monkeypatch.chdir(tmp_path)
     run_dir = tmp_path / "run"
-    code = main([
-        "fit", "-c", str(path),
-        "--model.init_args.model", "test-vit-micro", "--model.init_args.pretrained", "null",
-        "--data.init_args.dataset", "null", "--data.init_args.train", str(digits_root / "train"),
-        "--data.init_args.val", str(digits_root / "val"), "--data.init_args.samples_per_epoch", "64",
-        "--data.init_args.batch_size", "16", "--data.init_args.num_workers", "0",
-        "--trainer.max_epochs", "1", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
-        "--trainer.strategy", "auto", "--trainer.precision", "32-true", "--trainer.log_every_n_steps", "1",
-        "--trainer.enable_progress_bar", "false", "--run_dir", str(run_dir),
-    ])
+    code = main(
+        [
+            "fit",
+            "-c",
+            str(path),
+            "--model.init_args.model",
+            "test-vit-micro",
+            "--model.init_args.pretrained",
+            "null",
+            "--data.init_args.dataset",
+            "null",
+            "--data.init_args.train",
+            str(digits_root / "train"),
+            "--data.init_args.val",
+            str(digits_root / "val"),
+            "--data.init_args.samples_per_epoch",
+            "64",
+            "--data.init_args.batch_size",
+            "16",
+            "--data.init_args.num_workers",
+            "0",
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.devices",
+            "1",
+            "--trainer.strategy",
+            "auto",
+            "--trainer.precision",
+            "32-true",
+            "--trainer.log_every_n_steps",
+            "1",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--run_dir",
+            str(run_dir),
+        ]
+    )
     assert code == 0
     assert (run_dir / "config.yaml").is_file() and (run_dir / "run_info.json").is_file()
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()

@@ -9,8 +9,8 @@ from __future__ import annotations
 import open_clip
 import torch
 
-from mmret.checkpoints import load_dual_encoder
 from mmret.cli import main
+from mmret.training import DualEncoder
 
 
 def test_export_round_trip_through_open_clip(trained_checkpoint, tmp_path):
@@ -19,16 +19,18 @@ def test_export_round_trip_through_open_clip(trained_checkpoint, tmp_path):
     assert (out / "open_clip_config.json").is_file() and (out / "open_clip_model.safetensors").is_file()
     theirs, _, preprocess = open_clip.create_model_and_transforms("local-dir:" + str(out))
     tokenizer = open_clip.get_tokenizer("local-dir:" + str(out))
-    ours = load_dual_encoder(trained_checkpoint)
+    ours = DualEncoder.from_checkpoint(trained_checkpoint)
     theirs.eval()
     size = ours.model.visual.image_size[0]
     images = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
     tokens = tokenizer(["a photo of the digit one", "the number seven", "a handwritten 3"])
     with torch.no_grad():
-        torch.testing.assert_close(theirs.encode_image(images, normalize=True), ours.encode_image(images),
-                                   atol=1e-6, rtol=0)
-        torch.testing.assert_close(theirs.encode_text(tokens, normalize=True), ours.encode_text(tokens),
-                                   atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            theirs.encode_image(images, normalize=True), ours.encode_image(images), atol=1e-6, rtol=0
+        )
+        torch.testing.assert_close(
+            theirs.encode_text(tokens, normalize=True), ours.encode_text(tokens), atol=1e-6, rtol=0
+        )
         assert torch.equal(theirs.logit_scale, ours.model.logit_scale)
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from mmret.errors import UsageError
-from mmret.evaluation.metrics import Relevance, compute_retrieval_metrics, embedding_scores
+from mmret.evaluation.ranking import Relevance, compute_retrieval_metrics, embedding_scores
 from mmret.evaluation.retrieval import candidate_score_fn, top_k_candidates
 
 

@@ -24,9 +24,9 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
-from mmret import gradcache
-from mmret.gradcache import gradcache_backward
 from mmret.losses import InfoNCELoss, SigLIPLoss
+from mmret.training import gradcache
+from mmret.training.gradcache import gradcache_backward
 from tests.ddp_helpers import run_ddp
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}

@@ -18,8 +18,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from mmret.gradcache import lightning_gradcache_backward
 from mmret.losses import InfoNCELoss
+from mmret.training.gradcache import lightning_gradcache_backward
 from tests.test_gradcache import (
     _ALLREDUCE_CALLS,
     CHUNK,

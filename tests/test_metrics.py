@@ -1,4 +1,4 @@
-"""Tests of mmret.evaluation.metrics: parity with torchmetrics and sklearn, hand-checked cases, ties, chunking."""
+"""Tests of mmret.evaluation.ranking: parity with torchmetrics and sklearn, hand-checked cases, ties, chunking."""
 
 import math
 
@@ -14,7 +14,7 @@ from torchmetrics.retrieval import (
     RetrievalPrecision,
 )
 
-from mmret.evaluation.metrics import (
+from mmret.evaluation.ranking import (
     Relevance,
     compute_retrieval_metrics,
     embedding_scores,

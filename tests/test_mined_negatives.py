@@ -13,12 +13,13 @@ import torch
 
 from mmret.cli import main
 from mmret.data.datamodule import RetrievalDataModule, default_image_transform
+from mmret.data.mined_negatives import FORMAT
 from mmret.data.samples import SkipCounter, decode_sample, iter_shard
 from mmret.errors import UsageError
 from mmret.evaluation.retrieval import caption_hash
 from mmret.losses import listwise_infonce_loss
-from mmret.mining import FORMAT
-from mmret.modules import CrossEncoder
+from mmret.training import CrossEncoder
+from tests.fit_args import CROSS_ENCODER, fit_argv
 
 
 def split_samples(directory):
@@ -153,12 +154,10 @@ def test_mine_then_fit_a_reranker_on_the_mined_negatives(trained_checkpoint, dig
             assert batch["caption"][row] not in samples[negative_id]["captions"]
     assert bool(batch["mined_image_valid"].any()) and bool(batch["mined_text_valid"].any())
     run_dir = tmp_path / "reranker"
-    assert main(["fit", "--model", "mmret.modules.CrossEncoder", "--model.dual_encoder", str(trained_checkpoint),
-                 "--model.fusion_width", "32", "--model.fusion_layers", "1", "--model.fusion_heads", "2",
-                 "--model.num_negatives", "2", "--model.warmup_steps", "1",
-                 "--data", "mmret.data.datamodule.RetrievalDataModule", "--data.train", str(digits_root / "train"),
-                 "--data.mined_negatives", str(mined), "--data.mined_per_sample", "2",
-                 "--data.samples_per_epoch", "16", "--data.batch_size", "8", "--data.num_workers", "1",
-                 "--trainer.max_epochs", "1", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar",
-                 "false", "--trainer.limit_val_batches", "0", "--run_dir", str(run_dir)]) == 0  # fmt: skip
+    reranker_args = {"dual_encoder": trained_checkpoint, "fusion_width": 32, "fusion_layers": 1,
+                     "fusion_heads": 2, "num_negatives": 2, "warmup_steps": 1}  # fmt: skip
+    assert main(fit_argv(module=CROSS_ENCODER, model=None, model_args=reranker_args, train=digits_root / "train",
+                         data_args={"mined_negatives": mined, "mined_per_sample": 2}, samples_per_epoch=16,
+                         batch_size=8, num_workers=1, max_epochs=1, limit_val_batches=0,
+                         run_dir=run_dir)) == 0  # fmt: skip
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from mmret.cli import main
-from mmret.mining import mine_hard_negatives, read_mined_negatives
+from mmret.data.mined_negatives import read_mined_negatives
+from mmret.mining.offline import mine_hard_negatives
 
 
 def random_problem(num_queries=40, num_candidates=60, dim=8, seed=0):

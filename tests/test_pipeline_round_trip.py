@@ -42,8 +42,11 @@ def make_source(tmp_path, kind: str):
         for name, colour in names.items():
             (folder / name).with_suffix(".txt").write_text("\n".join(captions_of(colour)))
         return folder, []
-    rows = [{"file": name, "text": caption, "y": index}
-            for index, (name, colour) in enumerate(names.items()) for caption in captions_of(colour)]
+    rows = [
+        {"file": name, "text": caption, "y": index}
+        for index, (name, colour) in enumerate(names.items())
+        for caption in captions_of(colour)
+    ]
     columns = ["--image-column", "file", "--caption-column", "text", "--label-column", "y"]
     if kind == "csv":
         path = folder / "pairs.csv"
@@ -65,8 +68,12 @@ def to_pixels(image) -> torch.Tensor:
 def test_raw_pairs_to_shards_to_batches(tmp_path, kind):
     source, columns = make_source(tmp_path, kind)
     shards = tmp_path / "shards"
-    assert main(["shards", str(source), "--output", str(shards), "--image-size", "16", "--workers", "0",
-                 *columns]) == 0
+    assert (
+        main(
+            ["shards", str(source), "--output", str(shards), "--image-size", "16", "--workers", "0", *columns]
+        )
+        == 0
+    )
     data = RetrievalDataModule(train=str(shards), val=str(shards), batch_size=4, num_workers=0)
     data.set_preprocess(to_pixels, lambda texts: torch.tensor([[len(t)] for t in texts]))
     data.setup("fit")

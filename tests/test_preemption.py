@@ -21,7 +21,9 @@ import torch
 from lightning.pytorch import Callback
 
 from mmret.cli import main
-from mmret.training_cli import PREEMPTED_EXIT_CODE, RUN_DIR_ENV
+from mmret.training.callbacks import PREEMPTED_EXIT_CODE
+from mmret.training.run_dir import RUN_DIR_ENV
+from tests.fit_args import fit_argv
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 6  # of one optimizer step each
@@ -40,21 +42,24 @@ class SignalAtStep(Callback):
             os.kill(os.getpid(), signal.SIGUSR1)
 
 
-def fit_argv(run_dir: Path, data_root: Path, signal_at: int | None = None) -> list[str]:
-    argv = [
-        "fit", "-c", str(REPO / "experiments" / "digits_clip.yaml"),
-        "--model.init_args.model", "test-vit-micro", "--model.init_args.warmup_steps", "2",
-        "--data.init_args.data_root", str(data_root), "--data.init_args.batch_size", "16",
-        "--data.init_args.samples_per_epoch", "16", "--data.init_args.num_workers", "1",
-        "--trainer.max_epochs", str(EPOCHS), "--trainer.check_val_every_n_epoch", "2",
-        "--trainer.limit_val_batches", "2", "--trainer.log_every_n_steps", "1", "--trainer.accelerator", "cpu",
-        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-        "--run_dir", str(run_dir),
-    ]  # fmt: skip
+def preemption_argv(run_dir: Path, data_root: Path, signal_at: int | None = None) -> list[str]:
+    extra = []
     if signal_at is not None:
         callback = {"class_path": f"{__name__}.SignalAtStep", "init_args": {"step": signal_at}}
-        argv += ["--trainer.callbacks+", json.dumps(callback)]
-    return argv
+        extra = ["--trainer.callbacks+", json.dumps(callback)]
+    return fit_argv(
+        REPO / "experiments" / "digits_clip.yaml",
+        run_dir,
+        model_args={"warmup_steps": 2},
+        data_root=data_root,
+        samples_per_epoch=16,
+        num_workers=1,
+        max_epochs=EPOCHS,
+        limit_val_batches=2,
+        log_every_n_steps=1,
+        trainer_args={"check_val_every_n_epoch": 2, "enable_model_summary": False},
+        extra=extra,
+    )
 
 
 def logged(run_dir: Path) -> tuple[dict[int, float], dict[int, float]]:
@@ -78,10 +83,10 @@ def test_preempted_run_resumes_at_its_step_and_ends_like_an_uninterrupted_one(
     monkeypatch.delenv(RUN_DIR_ENV)  # `mmret fit` sets it for its DDP ranks; restored after the test
     monkeypatch.chdir(tmp_path)
     straight, preempted = tmp_path / "straight", tmp_path / "preempted"
-    assert main(fit_argv(straight, digits_root.parent)) == 0
+    assert main(preemption_argv(straight, digits_root.parent)) == 0
 
     with pytest.raises(SystemExit) as leaving:
-        main(fit_argv(preempted, digits_root.parent, signal_at=SIGNAL_AT_STEP))
+        main(preemption_argv(preempted, digits_root.parent, signal_at=SIGNAL_AT_STEP))
     assert leaving.value.code == PREEMPTED_EXIT_CODE
     checkpoint = torch.load(preempted / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
     assert checkpoint["global_step"] == SIGNAL_AT_STEP
@@ -89,7 +94,7 @@ def test_preempted_run_resumes_at_its_step_and_ends_like_an_uninterrupted_one(
     assert sorted(losses_before) == list(range(SIGNAL_AT_STEP))  # the last step before leaving is kept
     assert sorted(validations_before) == [1, 3]  # and the validation due after it
 
-    assert main(fit_argv(preempted, digits_root.parent)) == 0  # the same command resumes
+    assert main(preemption_argv(preempted, digits_root.parent)) == 0  # the same command resumes
     losses, validations = logged(preempted)
     straight_losses, straight_validations = logged(straight)
     assert sorted(losses) == list(range(EPOCHS))

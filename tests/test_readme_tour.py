@@ -27,7 +27,7 @@ from PIL import Image
 
 import tests.slurm_cluster as slurm
 from mmret.cli import main
-from mmret.training_cli import RUN_DIR_ENV
+from mmret.training.run_dir import RUN_DIR_ENV
 from tests.shard_fixtures import write_img2dataset_shards
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from mmret.cli import main
 from mmret.evaluation.rerank import fuse_scores, two_stage_metrics
 from mmret.evaluation.retrieval import EmbeddedEvalSet, evaluation_metrics
+from tests.fit_args import CROSS_ENCODER, DUAL_ENCODER, fit_argv
 
 
 def fake_eval_set(num_images=30, num_texts=24, seed=0) -> EmbeddedEvalSet:
@@ -102,18 +103,16 @@ def test_eval_refuses_a_bad_top_k_and_fusion(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_eval_with_a_reranker_writes_reranked_metrics_and_the_ceiling(tmp_path_factory, digits_root):
-    common = ["--data", "mmret.data.datamodule.RetrievalDataModule", "--data.train", str(digits_root / "train"),
-              "--data.samples_per_epoch", "32", "--data.batch_size", "16", "--data.num_workers", "0",
-              "--trainer.max_epochs", "1", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar",
-              "false", "--trainer.limit_val_batches", "0"]  # fmt: skip
+    common = dict(train=digits_root / "train", samples_per_epoch=32, max_epochs=1, limit_val_batches=0)
     dual_dir, reranker_dir = tmp_path_factory.mktemp("dual"), tmp_path_factory.mktemp("reranker")
-    assert main(["fit", "--model", "mmret.modules.DualEncoder", "--model.model", "test-vit-micro",
-                 "--model.warmup_steps", "1", *common, "--run_dir", str(dual_dir)]) == 0  # fmt: skip
+    assert (
+        main(fit_argv(module=DUAL_ENCODER, model_args={"warmup_steps": 1}, run_dir=dual_dir, **common)) == 0
+    )
     dual = dual_dir / "checkpoints" / "last.ckpt"
-    assert main(["fit", "--model", "mmret.modules.CrossEncoder", "--model.dual_encoder", str(dual),
-                 "--model.fusion_width", "32", "--model.fusion_layers", "1", "--model.fusion_heads", "2",
-                 "--model.num_negatives", "3", "--model.warmup_steps", "1", *common,
-                 "--run_dir", str(reranker_dir)]) == 0  # fmt: skip
+    reranker_args = {"dual_encoder": dual, "fusion_width": 32, "fusion_layers": 1, "fusion_heads": 2,
+                     "num_negatives": 3, "warmup_steps": 1}  # fmt: skip
+    assert main(fit_argv(module=CROSS_ENCODER, model=None, model_args=reranker_args, run_dir=reranker_dir,
+                         **common)) == 0  # fmt: skip
     reranker = reranker_dir / "checkpoints" / "last.ckpt"
     output = tmp_path_factory.mktemp("eval") / "r.json"
     assert main(["eval", "--model", str(dual), "--reranker", str(reranker), "--top-k", "5", "--data",

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmret.modules.dual_encoder import warmup_cosine
+from mmret.training.dual_encoder import warmup_cosine
+from tests.fit_args import DUAL_ENCODER, fit_argv
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS_PER_EPOCH = 8  # 256 samples per epoch / batch 32
@@ -26,38 +27,19 @@ LR, WARMUP = 1e-3, 4
 
 
 def fit_command(run_dir: Path, data_root: Path) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "mmret.cli",
-        "fit",
-        "-c",
-        str(REPO / "experiments" / "digits_clip.yaml"),
-        "--model.init_args.model",
-        "test-vit-micro",
-        "--model.init_args.lr",
-        str(LR),
-        "--model.init_args.warmup_steps",
-        str(WARMUP),
-        "--data.init_args.data_root",
-        str(data_root),
-        "--data.init_args.batch_size",
-        "32",
-        "--data.init_args.samples_per_epoch",
-        "256",
-        "--data.init_args.num_workers",
-        "0",
-        "--trainer.max_epochs",
-        str(EPOCHS),
-        "--trainer.enable_progress_bar",
-        "false",
-        "--trainer.log_every_n_steps",
-        "1",
-        "--checkpoint_every_n_steps",
-        "2",
-        "--run_dir",
-        str(run_dir),
-    ]
+    argv = fit_argv(
+        REPO / "experiments" / "digits_clip.yaml",
+        run_dir,
+        model_args={"lr": LR, "warmup_steps": WARMUP},
+        data_root=data_root,
+        batch_size=32,
+        samples_per_epoch=256,
+        max_epochs=EPOCHS,
+        log_every_n_steps=1,
+        accelerator=None,  # the config's own (auto)
+        extra=["--checkpoint_every_n_steps", "2"],
+    )
+    return [sys.executable, "-m", "mmret.cli", *argv]
 
 
 def checkpoint_steps(run_dir: Path) -> list[int]:
@@ -151,17 +133,14 @@ def test_an_in_process_fit_leaves_no_run_dir_behind(tmp_path, digits_root, monke
     """`mmret fit` exports its run dir for DDP ranks while it runs; a second `mmret fit` in the same process
     (tests, notebooks, the demo) must not silently write into the first one's directory."""
     from mmret.cli import main
-    from mmret.training_cli import RUN_DIR_ENV
+    from mmret.training.run_dir import RUN_DIR_ENV
 
     monkeypatch.delenv(RUN_DIR_ENV, raising=False)
     monkeypatch.chdir(tmp_path)
-    common = ["fit", "--model", "mmret.modules.DualEncoder", "--model.model", "test-vit-micro",
-              "--data", "mmret.data.datamodule.RetrievalDataModule", "--data.train", str(digits_root / "val"),
-              "--data.samples_per_epoch", "8", "--data.batch_size", "8", "--data.num_workers", "0",
-              "--trainer.max_epochs", "1", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar",
-              "false", "--trainer.limit_val_batches", "0"]  # fmt: skip
-    assert main([*common, "--run_dir", str(tmp_path / "first")]) == 0
+    common = dict(module=DUAL_ENCODER, train=digits_root / "val", samples_per_epoch=8, batch_size=8,
+                  max_epochs=1, limit_val_batches=0)  # fmt: skip
+    assert main(fit_argv(run_dir=tmp_path / "first", **common)) == 0
     assert RUN_DIR_ENV not in os.environ
-    assert main(common) == 0  # no --run_dir: a fresh default directory, not "first"
+    assert main(fit_argv(**common)) == 0  # no --run_dir: a fresh default directory, not "first"
     assert len(list((tmp_path / "first" / "checkpoints").glob("*.ckpt"))) >= 1
     assert [p.name for p in (tmp_path / "runs").iterdir()] != []

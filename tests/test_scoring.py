@@ -1,4 +1,4 @@
-"""Tests of mmret.evaluation.scoring: retrieval metrics from embeddings, text-query dedupe, zero-shot, dedupe_by_id."""
+"""Tests of mmret.evaluation.metrics: retrieval metrics from embeddings, text-query dedupe, zero-shot, dedupe_by_id."""
 
 import math
 
@@ -9,7 +9,7 @@ from sklearn.metrics import balanced_accuracy_score
 from torch.utils.data import DistributedSampler
 from torchmetrics.retrieval import RetrievalHitRate, RetrievalNormalizedDCG
 
-from mmret.evaluation.scoring import (
+from mmret.evaluation.metrics import (
     build_text_queries,
     build_zeroshot_classifier,
     dedupe_by_id,

@@ -21,7 +21,8 @@ import torch
 import yaml
 
 from mmret.cli import main
-from mmret.tracking import logged_table, read_offline_run
+from mmret.training.wandb_tracking import logged_table, read_offline_run
+from tests.fit_args import fit_options
 from tests.slurm_cluster import slurm_cluster  # noqa: F401  (fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,28 +65,14 @@ def job_log(workdir: Path, name: str) -> str:
 
 
 def tiny_overrides(data_root: Path) -> list[str]:
-    return [
-        "--model.init_args.model",
-        "test-vit-micro",
-        "--data.init_args.data_root",
-        str(data_root),
-        "--data.init_args.batch_size",
-        "16",
-        "--data.init_args.samples_per_epoch",
-        "64",
-        "--data.init_args.num_workers",
-        "0",
-        "--trainer.max_epochs",
-        "1",
-        "--trainer.limit_val_batches",
-        "1",
-        "--trainer.accelerator",
-        "cpu",
-        "--trainer.strategy",
-        "ddp",
-        "--trainer.enable_progress_bar",
-        "false",
-    ]
+    return fit_options(
+        init_args=True,
+        data_root=data_root,
+        samples_per_epoch=64,
+        max_epochs=1,
+        limit_val_batches=1,
+        strategy="ddp",
+    )
 
 
 def wandb_env(tmp_path: Path) -> dict[str, str]:
@@ -128,32 +115,17 @@ EPOCHS = 20  # of one optimizer step each
 
 def preemption_overrides(data_root: Path) -> list[str]:
     """digits_clip with the micro towers, one batch of 16 per epoch, validation every 5 epochs."""
-    return [
-        "--model.init_args.model",
-        "test-vit-micro",
-        "--model.init_args.warmup_steps",
-        "4",
-        "--data.init_args.data_root",
-        str(data_root),
-        "--data.init_args.batch_size",
-        "16",
-        "--data.init_args.samples_per_epoch",
-        "16",
-        "--data.init_args.num_workers",
-        "1",
-        "--trainer.max_epochs",
-        str(EPOCHS),
-        "--trainer.check_val_every_n_epoch",
-        "5",
-        "--trainer.limit_val_batches",
-        "2",
-        "--trainer.log_every_n_steps",
-        "1",
-        "--trainer.accelerator",
-        "cpu",
-        "--trainer.enable_progress_bar",
-        "false",
-    ]
+    return fit_options(
+        init_args=True,
+        model_args={"warmup_steps": 4},
+        data_root=data_root,
+        samples_per_epoch=16,
+        num_workers=1,
+        max_epochs=EPOCHS,
+        limit_val_batches=2,
+        log_every_n_steps=1,
+        trainer_args={"check_val_every_n_epoch": 5},
+    )
 
 
 def logged(run_dir: Path) -> tuple[dict[int, float], list[dict[str, float]]]:
@@ -193,7 +165,7 @@ def test_preempted_job_requeues_resumes_and_ends_like_an_uninterrupted_run(
     the signal lands the checkpoint falls on an epoch boundary, and any difference is a resume bug
     (optimizer, scheduler, step counters, data position, logging), not data order. (It found one: Lightning
     had started the train loader before restoring the loop state, so the resumed epoch replayed epoch 0;
-    mmret.training_cli.ResumedTrainLoader rebuilds it.)
+    mmret.training.callbacks.ResumedTrainLoader rebuilds it.)
     """
     cluster = slurm_cluster
     args = [str(REPO / "experiments" / "digits_clip.yaml"), *preemption_overrides(digits_root.parent)]

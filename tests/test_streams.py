@@ -21,7 +21,7 @@ from mmret.data.samples import (
     iter_shard,
     stable_sample_id,
 )
-from mmret.data.shard_sources import resolve_source, resolve_sources, total_samples
+from mmret.data.shard_sets import resolve_source, resolve_sources, total_samples
 from mmret.data.streams import EvalStream, TrainStream, eval_shard_plan, worker_share
 from mmret.errors import UsageError
 from tests.shard_fixtures import (

@@ -9,9 +9,11 @@ import shlex
 from pathlib import Path
 
 import pytest
+import yaml
 
 from mmret.cli import main
-from mmret.sweep import SBATCH_SCRIPT, load_sweep, write_point_files
+from mmret.reporting.sweeps import SBATCH_SCRIPT, Point, Sweep, load_sweep, write_point_files
+from mmret.resources import shipped_path
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,7 +75,7 @@ def test_dry_run_prints_command_and_points_and_writes_nothing(sweep_file, tmp_pa
         "--output=out/tiny/slurm-%A_%a.out",
         "--export=ALL,MMRET_EVAL_DATA=data/digits,MMRET_EVAL_SPLIT=test",
         "--time=00:10:00",
-        str(SBATCH_SCRIPT),
+        str(shipped_path(SBATCH_SCRIPT)),
         "--sweep",
         "out/tiny/run_dirs.txt",
     ]
@@ -116,10 +118,82 @@ def test_bad_sweep_file_is_one_line_exit_2(sweep_file, capsys, text, message):
     assert message in err and err.count("\n") == 1
 
 
-def test_shipped_sweeps_expand(monkeypatch):
-    monkeypatch.chdir(REPO)
-    for path in sorted((REPO / "experiments" / "sweeps").glob("*.yaml")):
-        sweep = load_sweep(path)
-        assert len(sweep.points()) == len(sweep.seeds) * len(
-            list(__import__("itertools").product(*sweep.grid.values()))
-        )
+SHIPPED_SWEEPS = sorted((REPO / "experiments" / "sweeps").glob("*.yaml"))
+
+
+def printed_config(fit_args: list[str], capsys) -> dict:
+    """The config `mmret fit FIT_ARGS --print_config` prints, in process: LightningCLI parses and validates
+    every option, prints and exits 0 before anything is instantiated (no run directory, no DDP launch). An
+    option it does not know exits non-zero: that SystemExit propagates."""
+    capsys.readouterr()
+    try:
+        main(["fit", *fit_args, "--print_config"])
+    except SystemExit as exit_:
+        if exit_.code not in (0, None):
+            raise
+    else:
+        pytest.fail("`mmret fit --print_config` returned instead of exiting")
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def config_value(config: dict, dotted_key: str):
+    value = config
+    for part in dotted_key.split("."):
+        assert isinstance(value, dict) and part in value, f"{dotted_key}: no {part!r} in the printed config"
+        value = value[part]
+    return value
+
+
+def covering_points(sweep: Sweep) -> list[Point]:
+    """The first point of each grid value and of each seed, in array order: every value and every seed reaches
+    the parser at least once (the full product would parse the same options again and again)."""
+    chosen, seen = [], set()
+    for point in sweep.points():
+        labels = {f"{key}={value!r}" for key, value in point.values.items()} | {f"seed={point.seed}"}
+        if not labels <= seen:
+            chosen.append(point)
+            seen |= labels
+    return chosen
+
+
+def check_points_parse(sweep: Sweep, tmp_path: Path, capsys) -> None:
+    """The covering points' `mmret fit` arguments (with --run_dir moved under tmp_path) pass LightningCLI's
+    parser, and the config it would run holds each point's overrides, grid values and seed."""
+    seed_keys = [sweep.seed_key] if isinstance(sweep.seed_key, str) else sweep.seed_key
+    for point in covering_points(sweep):
+        run_dir = tmp_path / point.run_dir
+        config = printed_config([*point.args, "--run_dir", str(run_dir)], capsys)
+        expected = {**sweep.overrides, **point.values, **dict.fromkeys(seed_keys, point.seed)}
+        for key, value in expected.items():
+            assert config_value(config, key) == value, (point.label, key)
+        assert config["run_dir"] == str(run_dir)
+
+
+def test_there_are_shipped_sweeps():
+    assert {path.stem for path in SHIPPED_SWEEPS} >= {"digits_loss_batch", "shapes_loss_batch"}
+
+
+@pytest.mark.parametrize("path", SHIPPED_SWEEPS, ids=lambda p: p.stem)
+def test_shipped_sweep_points_are_valid_fit_configs(path, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(
+        tmp_path
+    )  # the sweep's relative `experiment:` resolves to the shipped file from anywhere
+    sweep = load_sweep(path)
+    points = covering_points(sweep)
+    for key, values in sweep.grid.items():
+        assert [v for v in values if not any(p.values[key] == v for p in points)] == [], key
+    check_points_parse(sweep, tmp_path, capsys)
+
+
+def test_a_misspelt_grid_key_fails_the_parser_check(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    text = shipped_path("experiments/sweeps/digits_loss_batch.yaml").read_text()
+    assert "\n  model.init_args.loss: " in text
+    misspelt = tmp_path / "misspelt.yaml"
+    misspelt.write_text(text.replace("\n  model.init_args.loss: ", "\n  model.init_args.lossy: "))
+    sweep = load_sweep(misspelt)
+    assert "model.init_args.lossy" in sweep.grid  # the sweep itself loads: only LightningCLI knows the keys
+    with pytest.raises(SystemExit) as exit_:
+        check_points_parse(sweep, tmp_path, capsys)
+    assert exit_.value.code == 2
+    assert "lossy" in capsys.readouterr().err

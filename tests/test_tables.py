@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from mmret.cli import main
-from mmret.sweep import load_sweep
-from mmret.tables import load_table_spec
+from mmret.reporting.sweeps import load_sweep
+from mmret.reporting.tables import load_table_spec
 
 REPO = Path(__file__).resolve().parents[1]
 

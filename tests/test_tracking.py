@@ -18,46 +18,33 @@ from PIL import Image
 from mmret.cli import main
 from mmret.data.samples import SkipCounter, decode_sample, iter_shard
 from mmret.evaluation.retrieval import caption_hash
-from mmret.tracking import logged_table, read_offline_run, run_id_for, wandb_mode
+from mmret.training.wandb_tracking import logged_table, read_offline_run, run_id_for, wandb_mode
+from tests.fit_args import fit_argv
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def fit_command(run_dir: Path, data_root: Path, epochs: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "mmret.cli",
-        "fit",
-        "-c",
-        str(REPO / "experiments" / "digits_clip.yaml"),
-        "--model.init_args.model",
-        "test-vit-micro",
-        "--data.init_args.data_root",
-        str(data_root),
-        "--data.init_args.batch_size",
-        "32",
-        "--data.init_args.samples_per_epoch",
-        "64",
-        "--data.init_args.num_workers",
-        "0",
-        "--trainer.max_epochs",
-        str(epochs),
-        "--trainer.limit_val_batches",
-        "1",
-        "--trainer.enable_progress_bar",
-        "false",
-        "--trainer.log_every_n_steps",
-        "1",
-        "--run_dir",
-        str(run_dir),
-        "--wandb_project",
-        "mmret-test",
-        "--wandb_group",
-        "sweep-x",
-        "--wandb_tags",
-        "[lr=0.001, seed=0]",
-    ]
+    argv = fit_argv(
+        REPO / "experiments" / "digits_clip.yaml",
+        run_dir,
+        data_root=data_root,
+        batch_size=32,
+        samples_per_epoch=64,
+        max_epochs=epochs,
+        limit_val_batches=1,
+        log_every_n_steps=1,
+        accelerator=None,  # the config's own (auto)
+        extra=[
+            "--wandb_project",
+            "mmret-test",
+            "--wandb_group",
+            "sweep-x",
+            "--wandb_tags",
+            "[lr=0.001, seed=0]",
+        ],
+    )
+    return [sys.executable, "-m", "mmret.cli", *argv]
 
 
 def test_mode_is_offline_without_credentials(monkeypatch, tmp_path):

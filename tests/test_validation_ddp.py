@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from mmret.data.datamodule import RetrievalDataModule
-from mmret.modules import DualEncoder
+from mmret.training import DualEncoder
 
 
 class ValidationRecorder(L.Callback):
@@ -87,14 +87,18 @@ def test_two_rank_validation_metrics_equal_single_process(digits_root, tmp_path)
 def test_two_rank_reranker_validation_equals_single_process(digits_root, tmp_path):
     """The CrossEncoder reranks the whole val set on every rank: patches and captions of the other rank are
     gathered, so the reranked metrics (not only the first stage) equal one process's."""
-    from mmret.modules import CrossEncoder
+    from mmret.training import CrossEncoder
 
     torch.manual_seed(0)
-    model = CrossEncoder(model="test-vit-micro", fusion_width=32, fusion_layers=1, fusion_heads=2, val_top_k=5)
+    model = CrossEncoder(
+        model="test-vit-micro", fusion_width=32, fusion_layers=1, fusion_heads=2, val_top_k=5
+    )
     [single] = validate(model, digits_root / "val", 1, tmp_path / "single")
     ranks = validate(model, digits_root / "val", 2, tmp_path / "ddp")
     expected = single["metrics"]
-    assert "val/image_retrieval_recall@1" in expected and "val/first_stage/image_retrieval_recall@1" in expected
+    assert (
+        "val/image_retrieval_recall@1" in expected and "val/first_stage/image_retrieval_recall@1" in expected
+    )
     assert "val/ceiling/image_retrieval_recall@5" in expected
     for record in ranks:
         assert set(record["metrics"]) == set(expected)

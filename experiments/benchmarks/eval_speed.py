@@ -61,7 +61,7 @@ def subset_sizes(data: dict, fraction: float) -> tuple[int, int]:
 
 # ---------------------------------------------------------------------------------------------- workers
 def run_mmret_full(data: dict, device: str, chunk_size: int | None) -> dict:
-    from mmret.evaluation.scoring import retrieval_metrics
+    from mmret.evaluation.metrics import retrieval_metrics
 
     image_emb, text_emb = data["image_emb"].to(device), data["text_emb"].to(device)
     image_ids = torch.arange(image_emb.shape[0])
@@ -72,7 +72,7 @@ def run_mmret_full(data: dict, device: str, chunk_size: int | None) -> dict:
 
 def run_mmret_subset(data: dict, device: str, chunk_size: int | None, fraction: float) -> dict:
     """mmret on exactly torchmetrics' queries; mAP also converted to torchmetrics' convention."""
-    from mmret.evaluation.metrics import Relevance, embedding_scores, per_query_metrics
+    from mmret.evaluation.ranking import Relevance, embedding_scores, per_query_metrics
 
     num_text_queries, num_image_queries = subset_sizes(data, fraction)
     image_emb, text_emb, owner = data["image_emb"].to(device), data["text_emb"].to(device), data["owner"]

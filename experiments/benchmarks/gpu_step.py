@@ -7,7 +7,7 @@ Both trainers train the same randomly initialised open_clip model (default ViT-B
 precision, optimizer (AdamW, lr 5e-4, betas (0.9, 0.98), eps 1e-6, weight decay 0.2 off norms and biases),
 warmup schedule and number of steps, one after the other on the same card:
 
-- ours: `mmret.modules.DualEncoder` (InfoNCE) under a Lightning `Trainer` (1 device, `--precision`, default
+- ours: `mmret.training.DualEncoder` (InfoNCE) under a Lightning `Trainer` (1 device, `--precision`, default
   bf16-mixed), in this process;
 - open_clip_train: `open_clip_train.main` with `--dataset-type synthetic` in a subprocess (this file, run with
   a private first argument, imports `mmret.models` so our `test-*` configs exist, then calls its `main`).
@@ -82,7 +82,7 @@ sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing mmr
 # missing package ends the run before anything starts. open_clip_train's own modules import pandas, which its
 # synthetic data never uses: the subprocess stubs it when missing, so its modules are not imported here.
 REQUIRED = {
-    "ours": ("lightning", "open_clip", "mmret.modules.dual_encoder"),
+    "ours": ("lightning", "open_clip", "mmret.training.dual_encoder"),
     "open_clip_train": (
         "open_clip_train",
         "open_clip",
@@ -388,7 +388,7 @@ def run_ours(args: argparse.Namespace, device: torch.device, results: dict) -> d
     import lightning as L
 
     from mmret.models import get_tokenizer
-    from mmret.modules.dual_encoder import DualEncoder
+    from mmret.training.dual_encoder import DualEncoder
 
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     total_steps = args.warmup_steps + args.steps

@@ -42,8 +42,8 @@ from torch import nn  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
-from mmret.gradcache import gradcache_backward  # noqa: E402
 from mmret.losses import InfoNCELoss  # noqa: E402
+from mmret.training.gradcache import gradcache_backward  # noqa: E402
 
 DIM = 512
 MIB = 2**20

@@ -20,7 +20,7 @@ import torch
 
 from mmret.evaluation.rerank import PairScorer, rerank_candidates
 from mmret.evaluation.retrieval import TopKCandidates
-from mmret.modules import CrossEncoder
+from mmret.training import CrossEncoder
 
 
 def main() -> None:

@@ -85,7 +85,7 @@ TRAINERS = ("mmret", "open_clip_train")
 # ---- the recipe, read once so both trainers get the same numbers ------------------------------------------
 def read_recipe(config_path: Path) -> dict:
     """Batch size, optimizer, schedule and epochs of an experiment YAML (DualEncoder defaults where unset)."""
-    from mmret.modules import DualEncoder
+    from mmret.training import DualEncoder
 
     config = yaml.safe_load(config_path.read_text())
     defaults = {
@@ -130,7 +130,7 @@ def prepare_data(workdir: Path, train_subset: int | None) -> tuple[Path, Path]:
 def _samples(shard_dir: Path):
     """(shard path, key, {extension: bytes}) of every sample of a shard directory, in order."""
     from mmret.data.samples import SkipCounter, iter_shard
-    from mmret.data.shard_sources import resolve_sources
+    from mmret.data.shard_sets import resolve_sources
 
     (source,) = resolve_sources([str(shard_dir)], role="train")
     for shard, size in zip(source.shards, source.shard_sizes):
@@ -394,9 +394,9 @@ def zeroshot_top1(module, test_dir: Path) -> float:
     import torch
 
     from mmret.data.datamodule import RetrievalDataModule
-    from mmret.evaluation.evaluate_cli import embed_data
+    from mmret.evaluation.metrics import build_zeroshot_classifier
     from mmret.evaluation.retrieval import evaluation_metrics
-    from mmret.evaluation.scoring import build_zeroshot_classifier
+    from mmret.evaluation.shard_set import embed_data
 
     data = RetrievalDataModule(test=str(test_dir), eval_batch_size=100, num_workers=0)
     info = data.dataset_info("test")
@@ -409,11 +409,10 @@ def zeroshot_top1(module, test_dir: Path) -> float:
 
 def load_trained(trainer: str, checkpoint: str, model_name: str):
     """A DualEncoder holding the final weights of either trainer's checkpoint."""
-    from mmret.checkpoints import load_dual_encoder
-    from mmret.modules import DualEncoder
+    from mmret.training import DualEncoder
 
     if trainer == "mmret":
-        return load_dual_encoder(checkpoint)
+        return DualEncoder.from_checkpoint(checkpoint)
     # open_clip.load_checkpoint (via create_model's `pretrained`) reads its {"state_dict": ...} file strictly.
     return DualEncoder(model=model_name, pretrained=checkpoint)
 

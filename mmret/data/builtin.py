@@ -6,8 +6,8 @@
     from mmret.data.builtin import build_dataset
     root = build_dataset("shapes", "data/shapes")          # what a data module calls when data/shapes is missing
 
-Both need no download and build in seconds on a laptop CPU (digits ~1 s, shapes ~5 s at 64 px; see
-`mmret.data.digits` and `mmret.data.shapes` for what they hold). The same (name, seed, image_size) gives
+Both need no download and build in seconds on a CPU (see `mmret.data.digits` and `mmret.data.shapes` for
+what they hold). The same (name, seed, image_size) gives
 byte-identical shards; another seed gives another split (digits) or other scenes (shapes). The three splits
 appear together: they are written into a hidden sibling folder that is renamed to ROOT at the end, so two
 processes building the same dataset at once (e.g. DDP ranks) both end up with one complete copy. Asking
@@ -16,14 +16,13 @@ again for a dataset that is already there with the same seed and image size does
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 from pathlib import Path
 
-from mmret.data.atomic_output import atomic_output_dir, check_output_dir
 from mmret.data.shard_writer import write_shards
 from mmret.errors import UsageError
+from mmret.io import atomic_output_dir, check_output_dir
 
 BUILTIN_DATASETS = ("digits", "shapes")
 SPLITS = ("train", "val", "test")
@@ -35,7 +34,7 @@ def is_complete(root: str | Path) -> bool:
     return all((Path(root) / split / "dataset.json").is_file() for split in SPLITS)
 
 
-def _already_built(root: Path, name: str, seed: int, image_size: int) -> bool:
+def already_built(root: Path, name: str, seed: int, image_size: int) -> bool:
     """ROOT is a complete build of the same dataset with the same seed and image size."""
     if not is_complete(root):
         return False
@@ -84,7 +83,7 @@ def build_dataset(
     if workers < 0:
         raise UsageError(f"--workers must be >= 0, got {workers}")
     root = Path(root).expanduser()
-    if not overwrite and _already_built(root, name, seed, image_size):
+    if not overwrite and already_built(root, name, seed, image_size):
         return root  # deterministic, so the existing copy is what we would write (e.g. another rank made it)
     check_output_dir(root, overwrite)
     splits = importlib.import_module(f"mmret.data.{name}").build_splits(seed=seed, image_size=image_size)
@@ -108,35 +107,3 @@ def build_dataset(
             return root
         raise
     return root
-
-
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `mmret datasets`."""
-    parser.add_argument("name", metavar="NAME", help=f"dataset to write: {', '.join(BUILTIN_DATASETS)}")
-    parser.add_argument(
-        "--output", required=True, metavar="DIR", help="folder to write train/, val/, test/ into"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="split / scene seed (default 0)")
-    parser.add_argument(
-        "--image-size", type=int, default=64, metavar="N", help="side of the square images (default 64)"
-    )
-    parser.add_argument(
-        "--workers", type=int, default=0, help="JPEG-encoding processes (default 0: in this process)"
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset in DIR")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run `mmret datasets` with parsed arguments."""
-    existed = not args.overwrite and _already_built(Path(args.output), args.name, args.seed, args.image_size)
-    root = build_dataset(
-        args.name,
-        args.output,
-        seed=args.seed,
-        image_size=args.image_size,
-        overwrite=args.overwrite,
-        workers=args.workers,
-    )
-    verb = "already built, left as it is:" if existed else "wrote"
-    print(f"{verb} {args.name} (seed {args.seed}, {args.image_size} px) in {root}/{{{','.join(SPLITS)}}}")
-    return 0

@@ -2,7 +2,7 @@
 
 It reads webdataset shards (ours or img2dataset's), mixes several training sources by weight, resamples
 shards per (seed, epoch, rank, worker) so that ranks need no coordination, and gives validation / test
-loaders that see every sample exactly once across ranks. Batches are dicts (see DESIGN.md and
+loaders that see every sample exactly once across ranks. Batches are dicts (README "Batches" and
 `mmret.data.samples.collate_samples`): image [B, 3, H, W], text (tokens), sample_id [B], label [B], caption,
 and for eval also captions, metadata, key.
 
@@ -34,8 +34,8 @@ from pathlib import Path
 import lightning as L
 
 from mmret.data.loaders import EvalLoader, TrainLoader
-from mmret.data.mined import MinedNegativeStore
-from mmret.data.shard_sources import ShardSource, resolve_sources, total_samples
+from mmret.data.mined_negatives import MinedNegativeStore
+from mmret.data.shard_sets import ShardSource, resolve_sources, total_samples
 from mmret.data.streams import EvalStream, TrainStream
 from mmret.errors import UsageError
 
@@ -94,8 +94,8 @@ class RetrievalDataModule(L.LightningDataModule):
         shuffle_buffer: Raw samples each training worker holds to shuffle across shard boundaries.
         context_length: Token length of the default tokenizer. Ignored once a model sets its own tokenizer.
         mined_negatives: A `mmret mine` output mined on the training shards: every training sample then also
-            carries `mined_per_sample` of its mined negative images and captions (mmret.data.mined; the
-            reranker, mmret.modules.CrossEncoder, scores them beside its in-batch negatives).
+            carries `mined_per_sample` of its mined negative images and captions (mmret.data.mined_negatives; the
+            reranker, mmret.training.CrossEncoder, scores them beside its in-batch negatives).
         mined_per_sample: Mined negatives attached per sample and direction, drawn afresh each time.
     """
 

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 import numpy as np
 from PIL import Image
 
-from mmret.data.sources import SourceSample
+from mmret.data.raw_sources import SourceSample
 
 CLASS_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 # Zero-shot prompts, filled with a class name.

@@ -185,7 +185,7 @@ def collate_samples(
     tokenizer: Callable[[list[str]], Any],
     with_eval_fields: bool,
 ) -> dict[str, Any]:
-    """Stack decoded, transformed samples into the batch dict of the data contract (see DESIGN.md).
+    """Stack decoded, transformed samples into the batch dict every model reads (README "Batches").
 
     Each sample holds `image` (a transformed tensor [3, H, W]), `caption`, `captions`, `sample_id`, `label`,
     `metadata`, `key`. Eval batches also carry `captions`, `metadata` and `key`.

@@ -57,7 +57,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from mmret.data.sources import SourceSample
+from mmret.data.raw_sources import SourceSample
 from mmret.errors import UsageError
 
 COLORS: dict[str, tuple[int, int, int]] = {

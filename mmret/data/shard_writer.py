@@ -5,7 +5,7 @@
     mmret shards laion_subset/ --output shards/ --image-size 256 --resize-mode pad --workers 8
 
 SRC is a folder of images with `.txt` caption sidecars, a `.csv`/`.tsv`/`.jsonl` table, or an img2dataset
-output folder (see `mmret.data.sources`). The output is img2dataset-compatible:
+output folder (see `mmret.data.raw_sources`). The output is img2dataset-compatible:
 
     DIR/00000.tar, 00001.tar, ...   each sample: KEY.jpg (N×N RGB JPEG), KEY.txt (captions, one per line),
                                     KEY.json ({"id", "captions", ...}), KEY.cls (label, when there is one)
@@ -15,7 +15,7 @@ output folder (see `mmret.data.sources`). The output is img2dataset-compatible:
 Keys are a zero-padded running index. Decoding and resizing run in a process pool (ordered), tars are
 written by the main process with fixed tar headers, so the same source always gives byte-identical shards,
 whatever the number of workers. Each tar is written under a temporary name and renamed when complete,
-`dataset.json` last; a failure leaves nothing behind (see `mmret.data.atomic_output`).
+`dataset.json` last; a failure leaves nothing behind (see `mmret.io`).
 
 Workers start with multiprocessing's "forkserver" method, so a script that calls `convert_source` or
 `write_shards` with workers > 1 must do so under `if __name__ == "__main__":` (as with any spawned pool).
@@ -28,7 +28,7 @@ Python API (used by the CLI and by the built-in datasets):
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import dataclasses
 import io
 import json
@@ -48,7 +48,6 @@ from PIL import Image
 from tqdm import tqdm
 
 from mmret import __version__
-from mmret.data.atomic_output import atomic_output_dir, check_output_dir
 from mmret.data.image_resize import (
     RESIZE_MODES,
     ImageDecodeError,
@@ -57,7 +56,7 @@ from mmret.data.image_resize import (
     resize_image,
     to_rgb,
 )
-from mmret.data.sources import (
+from mmret.data.raw_sources import (
     MISSING_IMAGE,
     UNDECODABLE_IMAGE,
     UNREADABLE_IMAGE,
@@ -65,6 +64,7 @@ from mmret.data.sources import (
     open_source,
 )
 from mmret.errors import UsageError
+from mmret.io import atomic_file, atomic_output_dir, check_output_dir, write_text_atomic
 
 KEY_WIDTH = 9  # as img2dataset: keys sort correctly as strings up to a billion samples
 CHUNK_SIZE = 16  # samples per pool task: amortises pickling without delaying the ordered stream much
@@ -155,7 +155,8 @@ def _prepared(samples: Iterable[SourceSample], workers: int, **options: Any) -> 
 
 
 class _TarSink:
-    """Writes samples into fixed-size tars with deterministic headers, each renamed into place when full."""
+    """Writes samples into fixed-size tars with deterministic headers, each appearing whole when it is full
+    (`mmret.io.atomic_file`: a temporary sibling, fsynced and renamed)."""
 
     def __init__(self, directory: Path, shard_size: int):
         self.directory, self.shard_size = directory, shard_size
@@ -163,14 +164,15 @@ class _TarSink:
         self.shard_sizes: list[int] = []
         self.num_samples = self.num_captions = 0
         self._tar: tarfile.TarFile | None = None
-        self._partial: Path | None = None
+        self._file: contextlib.ExitStack | None = None
 
     def add(self, key: str, members: list[tuple[str, bytes]], num_captions: int) -> None:
         if self._tar is None:
             name = f"{len(self.shards):05d}.tar"
-            self._partial = self.directory / f".{name}.partial"
             # Open across add() calls until the shard is full; closed by finish_shard() or abort().
-            self._tar = tarfile.open(self._partial, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
+            self._file = contextlib.ExitStack()
+            handle = self._file.enter_context(atomic_file(self.directory / name, binary=True))
+            self._tar = tarfile.open(fileobj=handle, mode="w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
             self.shards.append(name)
             self.shard_sizes.append(0)
         for extension, data in members:
@@ -188,19 +190,14 @@ class _TarSink:
 
     def finish_shard(self) -> None:
         if self._tar is not None:
-            self._tar.close()
-            os.replace(self._partial, self.directory / self.shards[-1])
-            self._tar = self._partial = None
+            self._tar.close()  # writes the end-of-archive blocks into the temporary file
+            self._file.close()  # fsync, rename into place
+            self._tar = self._file = None
 
     def abort(self) -> None:
-        if self._tar is not None:
-            self._tar.close()
-
-
-def _write_file_atomically(path: Path, text: str) -> None:
-    partial_path = path.with_name(f".{path.name}.partial")
-    partial_path.write_text(text, encoding="utf-8")
-    os.replace(partial_path, path)
+        if self._file is not None:
+            self._file.__exit__(RuntimeError, RuntimeError("aborted"), None)  # removes the temporary
+            self._tar = self._file = None
 
 
 def write_shards(
@@ -248,7 +245,6 @@ def write_shards(
         sink = _TarSink(work_dir, shard_size)
         skipped: Counter[str] = Counter()
         used_ids: set[int] = set()
-        skipped_partial = work_dir / ".skipped.txt.partial"
         bar = tqdm(
             total=total,
             desc=f"shards -> {output_dir.name}",
@@ -259,7 +255,7 @@ def write_shards(
             mininterval=0.5,
         )
         try:
-            with skipped_partial.open("w", encoding="utf-8") as skipped_log:
+            with atomic_file(work_dir / "skipped.txt") as skipped_log:
                 results = _prepared(
                     samples,
                     workers,
@@ -307,7 +303,6 @@ def write_shards(
             raise UsageError(
                 f"no usable sample in {info.get('source') or 'the source'} ({reasons}); nothing written"
             )
-        os.replace(skipped_partial, work_dir / "skipped.txt")
         dataset_info = {
             "name": info.pop("name", output_dir.name),
             "num_samples": sink.num_samples,
@@ -325,7 +320,7 @@ def write_shards(
             **info,
         }
         # Written last: its presence marks a complete shard folder.
-        _write_file_atomically(
+        write_text_atomic(
             work_dir / "dataset.json", json.dumps(dataset_info, indent=2, ensure_ascii=False) + "\n"
         )
     return dataset_info
@@ -350,7 +345,7 @@ def convert_source(
     """Convert a folder, table or img2dataset output into shards (what `mmret shards` runs).
 
     Args:
-        src: the source (see `mmret.data.sources.open_source`).
+        src: the source (see `mmret.data.raw_sources.open_source`).
         output: the shard folder to create.
         image_size: side of the square output images, in pixels.
         shard_size: samples per tar.
@@ -400,71 +395,3 @@ def convert_source(
         info=info,
         progress=progress,
     )
-
-
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `mmret shards`."""
-    parser.add_argument(
-        "src",
-        metavar="SRC",
-        help="folder of images with same-stem .txt captions, a .csv/.tsv/.jsonl table, or an "
-        "img2dataset output folder",
-    )
-    parser.add_argument("--output", required=True, metavar="DIR", help="shard folder to create")
-    parser.add_argument(
-        "--image-size", type=int, required=True, metavar="N", help="side of the square images"
-    )
-    parser.add_argument(
-        "--shard-size", type=int, default=1000, metavar="M", help="samples per tar (default 1000)"
-    )
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        metavar="W",
-        help="decode/resize processes (default: cores, at most 8; 0 or 1 = in this process)",
-    )
-    parser.add_argument(
-        "--resize-mode",
-        default="center_crop",
-        metavar="|".join(RESIZE_MODES),
-        help="center_crop: shorter side to N, central square (default); pad: longer side to N, black borders",
-    )
-    parser.add_argument("--image-column", default=None, help="table column with image paths (default: image)")
-    parser.add_argument(
-        "--caption-column",
-        default=None,
-        help="table column with captions, several separated by newlines (default: caption)",
-    )
-    parser.add_argument(
-        "--label-column", default=None, help="optional table column with integer labels (.cls)"
-    )
-    parser.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality 1-100 (default 95)")
-    parser.add_argument(
-        "--name", default=None, help="dataset name in dataset.json (default: output folder name)"
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run `mmret shards` with parsed arguments."""
-    info = convert_source(
-        args.src,
-        args.output,
-        image_size=args.image_size,
-        shard_size=args.shard_size,
-        resize_mode=args.resize_mode,
-        jpeg_quality=args.jpeg_quality,
-        workers=args.workers,
-        image_column=args.image_column,
-        caption_column=args.caption_column,
-        label_column=args.label_column,
-        name=args.name,
-        overwrite=args.overwrite,
-    )
-    skipped = sum(info["skipped"].values())
-    print(
-        f"wrote {info['num_samples']} samples ({info['num_captions']} captions) in {len(info['shards'])} "
-        f"shards to {args.output}; skipped {skipped} (see skipped.txt)"
-    )
-    return 0

@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from mmret.data.mined import MinedNegativeStore, collate_mined
+from mmret.data.mined_negatives import MinedNegativeStore, collate_mined
 from mmret.data.samples import (
     SKIPPED_KEY,
     SkipCounter,
@@ -39,7 +39,7 @@ from mmret.data.samples import (
     decode_sample,
     iter_shard,
 )
-from mmret.data.shard_sources import ShardSource
+from mmret.data.shard_sets import ShardSource
 from mmret.errors import UsageError
 
 ImageTransform = Callable[[Image.Image], torch.Tensor]
@@ -129,7 +129,7 @@ class TrainStream(_StreamBase):
         shuffle_buffer: Raw samples held for shuffling per worker (raw JPEG bytes, so cheap to hold).
         image_transform: PIL RGB image -> tensor [3, H, W].
         tokenizer: list of B captions -> LongTensor [B, L] or a dict of tensors.
-        mined: Offline hard negatives (`mmret mine`) to attach to every sample (see mmret.data.mined).
+        mined: Offline hard negatives (`mmret mine`) to attach to every sample (see mmret.data.mined_negatives).
     """
 
     def __init__(

@@ -23,6 +23,8 @@ matplotlib.use("Agg")  # before pyplot: files only, also on machines without a d
 import matplotlib.pyplot as plt  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from mmret.io import atomic_file  # noqa: E402
+
 RELEVANT_COLOR = "#1a9641"
 IRRELEVANT_COLOR = "#bbbbbb"
 DIRECTION_LABELS = {
@@ -55,13 +57,11 @@ class RetrievalExample:
 def _save(fig: plt.Figure, path: str | os.PathLike) -> Path:
     """Write the figure to a temporary sibling and rename it, so a reader never sees half a PNG."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
+        with atomic_file(path, binary=True) as handle:
+            fig.savefig(handle, format="png", dpi=100)
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -27,7 +27,8 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from mmret.evaluation.metrics import per_query_metrics
+from mmret.evaluation.metrics import IMAGE_RETRIEVAL, TEXT_RETRIEVAL, _direction_summary
+from mmret.evaluation.ranking import per_query_metrics
 from mmret.evaluation.retrieval import (
     DEFAULT_KS,
     EmbeddedEvalSet,
@@ -35,7 +36,6 @@ from mmret.evaluation.retrieval import (
     candidate_score_fn,
     top_k_candidates,
 )
-from mmret.evaluation.scoring import IMAGE_RETRIEVAL, TEXT_RETRIEVAL, _direction_summary
 
 # (text query indices [n], image indices [n]) -> relevance scores [n] of those n pairs.
 PairScoreFn = Callable[[Tensor, Tensor], Tensor]
@@ -137,7 +137,7 @@ class PairScorer:
     """Scores (text query, image) pairs of an eval set with a `CrossEncoder`, from cached tower outputs.
 
     Args:
-        reranker: a `mmret.modules.CrossEncoder` in eval mode.
+        reranker: a `mmret.training.CrossEncoder` in eval mode.
         text_states: [Q, L, Wt] token states of the Q text queries.
         text_mask: [Q, L] bool real-token mask.
         patches: [N, P, Wv] patch tokens of the N images (eval-set order).

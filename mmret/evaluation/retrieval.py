@@ -20,7 +20,7 @@ also come per part (`seen/image_retrieval_recall@1`, `unseen/text_retrieval_reca
 
 Rescoring (a reranker): `top_k_candidates` gives each query's K best candidates by embedding score, and
 `candidate_score_fn` turns new scores for exactly those candidates into a score function for
-`mmret.evaluation.metrics.compute_retrieval_metrics` (candidates outside the list rank last), so reranked
+`mmret.evaluation.ranking.compute_retrieval_metrics` (candidates outside the list rank last), so reranked
 metrics use the same definitions and ties as the first stage.
 """
 
@@ -36,8 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmret import distributed
-from mmret.evaluation.metrics import Relevance, ScoreFn
-from mmret.evaluation.scoring import (
+from mmret.evaluation.metrics import (
     IMAGE_RETRIEVAL,
     TEXT_RETRIEVAL,
     build_text_queries,
@@ -45,6 +44,7 @@ from mmret.evaluation.scoring import (
     retrieval_metrics,
     zeroshot_metrics,
 )
+from mmret.evaluation.ranking import Relevance, ScoreFn
 
 DEFAULT_KS = (1, 5, 10)
 UNSEEN_PART = "unseen"
@@ -259,7 +259,7 @@ def evaluation_metrics(
             and `mean_per_class_recall` over the labelled images are added.
 
     Returns:
-        The names of `mmret.evaluation.scoring.retrieval_metrics` (values and counts), `seen/...` and
+        The names of `mmret.evaluation.metrics.retrieval_metrics` (values and counts), `seen/...` and
         `unseen/...` variants when some image is unseen, and the zero-shot names.
     """
     text_groups = image_groups = None

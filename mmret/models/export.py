@@ -25,8 +25,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -38,6 +36,7 @@ from safetensors.torch import save_file
 
 import mmret
 from mmret.errors import UsageError
+from mmret.io import atomic_output_dir, follow_umask
 from mmret.models.downloads import explain_download_errors
 from mmret.models.factory import model_info
 from mmret.models.registry import (
@@ -84,10 +83,7 @@ def export_open_clip(
     state_dict = _portable_state_dict(model)
     _check_config_fits(model_cfg, state_dict, source_name)
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".tmp", dir=output_dir.parent))
-    try:
-        os.chmod(tmp_dir, 0o755)  # mkdtemp makes it private; an export is meant to be shared
+    with atomic_output_dir(output_dir, overwrite=True) as tmp_dir:
         text_cfg = model_cfg["text_cfg"]
         original_hf_name = text_cfg.get("hf_model_name")
         if original_hf_name:
@@ -102,10 +98,7 @@ def export_open_clip(
             "mmret": {"version": mmret.__version__, "source": source_name, "hf_model_name": original_hf_name},
         }
         (tmp_dir / HUB_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        _move_into_place(tmp_dir, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
+        follow_umask(tmp_dir)  # safetensors (and HF's save_pretrained through it) write 0600
     return output_dir
 
 
@@ -194,25 +187,3 @@ def _preprocess_cfg(model: torch.nn.Module) -> dict:
     if cfg is None:
         cfg = asdict(PreprocessCfg(size=getattr(visual, "image_size", 224)))
     return json.loads(json.dumps(cfg))  # tuples -> lists, and fail here if anything is not JSON
-
-
-def _move_into_place(tmp_dir: Path, output_dir: Path) -> None:
-    if not output_dir.exists():
-        os.replace(tmp_dir, output_dir)
-        return
-    if output_dir.is_dir() and not any(output_dir.iterdir()):
-        output_dir.rmdir()
-        os.replace(tmp_dir, output_dir)
-        return
-    # Overwrite: swap the old directory out first, so the destination is never missing or mixed.
-    backup = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".old", dir=output_dir.parent))
-    backup.rmdir()
-    if output_dir.is_dir():
-        os.replace(output_dir, backup)
-    else:
-        output_dir.replace(backup)
-    os.replace(tmp_dir, output_dir)
-    if backup.is_dir():
-        shutil.rmtree(backup, ignore_errors=True)
-    else:
-        backup.unlink(missing_ok=True)

@@ -15,7 +15,7 @@ What the image tokens hold is the caller's choice: the final patch tokens, with 
 beside them (`image_tokens(..., patch_embeddings=True)`), and/or a `PixelStem`'s tokens concatenated; the
 scorer can add fixed 2-D grid positions (`image_grid`, `grid_position_features`) and a learned embedding.
 
-No Lightning here: `mmret.modules.CrossEncoder` trains these.
+No Lightning here: `mmret.training.CrossEncoder` trains these.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Run the whole pipeline on the built-in offline data and print one results table: `mmret demo`.
 
-    mmret demo                          # ~7 min on 2 CPU cores; writes demo_output/
-    mmret demo --output DIR --quick     # ~30 s: tiny models, a few steps (the tests' and notebooks' form)
+    mmret demo                          # writes demo_output/ (expected time: experiments/demo/pipeline.yaml)
+    mmret demo --output DIR --quick     # tiny models, a few steps (the tests' and notebooks' form)
 
 Eight stages, each the same code as its `mmret` command (run in this process, with the arguments printed so you
 can run it yourself): build `digits` and `shapes` (`mmret datasets`), train a dual encoder on digits
@@ -24,15 +24,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import importlib
 import io
 import json
 import logging
-import math
 import os
 import shutil
 import sys
-import textwrap
 import time
 import warnings
 from collections.abc import Iterator
@@ -40,12 +37,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from lightning.pytorch import Callback
 
-from mmret.data.atomic_output import write_text_atomic
 from mmret.errors import UsageError
+from mmret.io import write_text_atomic
+from mmret.reporting.demo_report import demo_table, write_demo_report
+from mmret.resources import resolve_shipped
+from mmret.training.callbacks import format_seconds
 
-PIPELINE = Path(__file__).resolve().parents[1] / "experiments" / "demo" / "pipeline.yaml"
+PIPELINE = "experiments/demo/pipeline.yaml"  # a shipped file (mmret.resources)
 MARKERS = ".demo"  # DIR/.demo/<stage>.json: what each finished stage ran
 DATASETS = ("digits", "shapes")
 INDENT = "      "
@@ -83,6 +82,15 @@ RESULTS = {
     "rerank_eval": "shapes_rerank.json",
 }
 MINED = "mined/shapes.jsonl"
+# (caption, file) of the pictures results.md shows, beside the results that eval drew them for.
+PICTURES = [
+    (
+        "shapes: the dual encoder's top images for a few captions (relevant ones framed in green)",
+        RESULTS["shapes_eval"].replace(".json", "_examples.png"),
+    ),
+    ("shapes: Recall@K of the dual encoder", RESULTS["shapes_eval"].replace(".json", "_recall.png")),
+    ("digits: top images per class prompt", RESULTS["digits_eval"].replace(".json", "_examples.png")),
+]
 
 
 def checkpoint(stage: str) -> str:
@@ -234,28 +242,17 @@ def fingerprint(stage: Stage, settings: dict, upstream: dict[str, str]) -> str:
 
 # ---- running a stage ----------------------------------------------------------------------------------------------
 def run_command(argv: list[str]) -> None:
-    """Run one `mmret` command in this process, exactly as the console script would; UsageError propagates."""
-    from mmret.cli import COMMANDS, LIGHTNING_COMMANDS
+    """Run one `mmret` command in this process through the console script's own dispatch; UsageError
+    propagates, and an argument LightningCLI rejected (it has printed why) becomes one."""
+    from mmret.cli import LIGHTNING_COMMANDS
+    from mmret.cli import run_command as run_mmret
 
-    if argv[0] in LIGHTNING_COMMANDS:
-        from mmret.training_cli import RUN_DIR_ENV, run_lightning_cli
-
-        previous = os.environ.get(RUN_DIR_ENV)  # LightningCLI exports the run dir for DDP ranks: undo that
-        try:
-            run_lightning_cli([*argv, *QUIET_FIT_ARGS])
-        except SystemExit as exit_:  # jsonargparse rejected an argument (its message is above)
-            if exit_.code:
-                raise UsageError(f"`mmret {argv[0]}` rejected its arguments (see above)") from None
-        finally:
-            if previous is None:
-                os.environ.pop(RUN_DIR_ENV, None)
-            else:
-                os.environ[RUN_DIR_ENV] = previous
-        return
-    module = importlib.import_module(COMMANDS[argv[0]][0])
-    parser = argparse.ArgumentParser(prog=f"mmret {argv[0]}")
-    module.configure_parser(parser)
-    module.run(parser.parse_args(argv[1:]))
+    fit = argv[0] in LIGHTNING_COMMANDS
+    try:
+        run_mmret([*argv, *QUIET_FIT_ARGS] if fit else argv)
+    except SystemExit as exit_:  # jsonargparse rejected an argument (its message is above)
+        if exit_.code:
+            raise UsageError(f"`mmret {argv[0]}` rejected its arguments (see above)") from None
 
 
 # Display only (not part of the printed command): progress lines instead of bars, no model summary.
@@ -264,7 +261,7 @@ QUIET_FIT_ARGS = [
     "false",
     "--trainer.enable_model_summary",
     "false",
-    "--trainer.callbacks+=mmret.demo.ProgressLines",
+    "--trainer.callbacks+=mmret.training.callbacks.ProgressLines",
 ]
 
 
@@ -287,58 +284,6 @@ def build_datasets(output: Path, entry: dict) -> None:
 
 def _num_samples(split_dir: Path) -> int:
     return json.loads((split_dir / "dataset.json").read_text()).get("num_samples", 0)
-
-
-class ProgressLines(Callback):
-    """Prints about ten progress lines per `fit` (step, loss, time left) and each validation's headline numbers.
-
-    Args:
-        lines: Progress lines per run (besides validation).
-    """
-
-    def __init__(self, lines: int = 10) -> None:
-        self.lines = lines
-        self.total = 0
-        self.every = 1
-        self.start_time = 0.0
-        self.start_step = 0
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        self.total = int(trainer.estimated_stepping_batches)
-        self.every = max(1, math.ceil(self.total / self.lines))
-        self.start_time, self.start_step = time.monotonic(), trainer.global_step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        step = trainer.global_step
-        if not trainer.is_global_zero or (step % self.every and step != self.total):
-            return
-        elapsed = time.monotonic() - self.start_time
-        done = step - self.start_step
-        left = elapsed / done * (self.total - step) if done else 0.0
-        loss = trainer.callback_metrics.get("train/loss")
-        loss_text = f"  loss {float(loss):.3f}" if loss is not None else ""
-        print(
-            f"step {step:>4}/{self.total}{loss_text}  {format_seconds(elapsed)} elapsed, "
-            f"~{format_seconds(left)} left",
-            flush=True,
-        )
-
-    def on_validation_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero:
-            return
-        metrics = trainer.callback_metrics
-        shown = [
-            (name, key)
-            for name, key in (
-                ("zero-shot acc1", "val/acc1"),
-                ("text->image R@1", "val/image_retrieval_recall@1"),
-                ("first stage R@1", "val/first_stage/image_retrieval_recall@1"),
-            )
-            if key in metrics
-        ]
-        if shown:
-            values = ", ".join(f"{name} {float(metrics[key]):.3f}" for name, key in shown)
-            print(f"validation after epoch {trainer.current_epoch + 1}: {values}", flush=True)
 
 
 class _Indented(io.TextIOBase):
@@ -376,13 +321,6 @@ def stage_output() -> Iterator[None]:
             logger.setLevel(level)
 
 
-def format_seconds(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    minutes, rest = divmod(round(seconds), 60)
-    return f"{minutes} min {rest:02d} s" if seconds < 600 else f"{seconds / 60:.0f} min"
-
-
 def expected(seconds) -> str:
     if not seconds:
         return ""
@@ -405,80 +343,6 @@ def read_marker(path: Path) -> dict:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-
-
-# ---- the table ----------------------------------------------------------------------------------------------------
-def results_table(output: Path) -> str:
-    """The demo's markdown table (percent): digits zero-shot top-1; shapes retrieval, dual vs reranked, all / seen /
-    unseen compositions; and the first stage's recall@K, the ceiling of any reranker of those lists."""
-    digits = json.loads((output / RESULTS["digits_eval"]).read_text())
-    dual = json.loads((output / RESULTS["shapes_eval"]).read_text())
-    reranked = json.loads((output / RESULTS["rerank_eval"]).read_text())
-    top_k = reranked.get("top_k")
-
-    def cells(metrics: dict, name: str) -> list[str]:
-        return [
-            f"{100 * metrics[key]:.1f}" if key in metrics else "–"
-            for key in (name, f"seen/{name}", f"unseen/{name}")
-        ]
-
-    rows = [
-        [
-            "digits: zero-shot top-1",
-            "dual encoder",
-            f"{100 * digits['metrics']['acc1']:.1f}",
-            "–",
-            "–",
-        ]
-    ]
-    for label, name in [
-        ("shapes: text→image R@1", "image_retrieval_recall@1"),
-        ("shapes: text→image R@5", "image_retrieval_recall@5"),
-        ("shapes: text→image NDCG@10", "image_retrieval_ndcg@10"),
-        ("shapes: image→text R@1", "text_retrieval_recall@1"),
-        ("shapes: image→text R@5", "text_retrieval_recall@5"),
-    ]:
-        rows.append([label, "dual encoder", *cells(dual["metrics"], name)])
-        rows.append(["", f"+ reranker (top-{top_k})", *cells(reranked["reranked_metrics"], name)])
-    ceiling = reranked.get("first_stage_ceiling", {})
-    rows.append(
-        [
-            f"shapes: text→image R@{top_k}",
-            "first stage = rerank ceiling",
-            *cells(ceiling, f"image_retrieval_recall@{top_k}"),
-        ]
-    )
-    header = ["result (test split, %)", "model", "all", "seen", "unseen"]
-    lines = ["| " + " | ".join(header) + " |", "| --- | --- | ---: | ---: | ---: |"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    counts = dual.get("counts", {})
-    note = (
-        f"digits test: {digits['num_images']} images. shapes test: {dual['num_images']} images, "
-        f"{dual['num_texts']} caption queries ({counts.get('unseen/image_retrieval_num_queries', '?')} about "
-        "unseen compositions: held-out colour–shape bindings and relation orders, never in training)."
-    )
-    return "\n".join(lines) + "\n\n" + textwrap.fill(note, width=110, break_on_hyphens=False) + "\n"
-
-
-def write_results_md(output: Path, table: str, commands: list[str], quick: bool) -> Path:
-    title = (
-        "mmret demo --quick (tiny models, a few steps: the numbers mean nothing)" if quick else "mmret demo"
-    )
-    pictures = [
-        (
-            "shapes: the dual encoder's top images for a few captions (relevant ones framed in green)",
-            RESULTS["shapes_eval"].replace(".json", "_examples.png"),
-        ),
-        ("shapes: Recall@K of the dual encoder", RESULTS["shapes_eval"].replace(".json", "_recall.png")),
-        ("digits: top images per class prompt", RESULTS["digits_eval"].replace(".json", "_examples.png")),
-    ]
-    text = [f"# {title}", "", table]
-    text += [f"![{caption}]({name})\n" for caption, name in pictures if (output / name).is_file()]
-    text += ["## How these numbers were made", "", "From the folder the demo ran in:", ""]
-    text += [f"    {command}" for command in commands]
-    path = output / "results.md"
-    write_text_atomic(path, "\n".join(text) + "\n")
-    return path
 
 
 # ---- command line ---------------------------------------------------------------------------------------------------
@@ -527,7 +391,7 @@ def run(args: argparse.Namespace) -> int:
     """Run `mmret demo` with parsed arguments."""
     output = Path(args.output)
     check_output_dir(output)
-    settings = load_settings(args.pipeline, args.quick)
+    settings = load_settings(resolve_shipped(args.pipeline), args.quick)
     with compute_threads():
         return run_stages(output, settings, args.quick)
 
@@ -535,8 +399,8 @@ def run(args: argparse.Namespace) -> int:
 @contextlib.contextmanager
 def compute_threads() -> Iterator[None]:
     """Leave one core to the data loader's worker: PyTorch's intra-op threads default to every core, and on a
-    small machine the loader then competes with them (on 2 shared cores, 2 threads trained ~3x slower than 1).
-    An OMP_NUM_THREADS that the user set wins."""
+    small machine the loader then competes with them (the demo's timings in experiments/demo/pipeline.yaml
+    were measured this way). An OMP_NUM_THREADS that the user set wins."""
     import torch
 
     previous = torch.get_num_threads()
@@ -610,8 +474,8 @@ def run_stages(output: Path, settings: dict, quick: bool) -> int:
         )
         print(f"{INDENT}done in {format_seconds(seconds)}", flush=True)
 
-    table = results_table(output)
-    path = write_results_md(output, table, commands, quick)
+    table = demo_table(*(json.loads((output / RESULTS[name]).read_text()) for name in RESULTS))
+    path = write_demo_report(output, table, commands, quick, PICTURES)
     print()
     print(table)
     print(

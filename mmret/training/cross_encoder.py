@@ -20,7 +20,7 @@ positive, not negative, and the default listwise InfoNCE (`mmret.losses.listwise
 positives) treats every one of them as a positive; `loss: bce` is the pointwise alternative. Under DDP the
 negatives come from world_size × B candidates and the tokens are gathered with gradient, like the dual
 encoder's embeddings. Offline negatives from `mmret mine` join them when the data module is given the mined
-file (`data.mined_negatives`, see mmret.data.mined): each sample brings k mined images and k mined captions
+file (`data.mined_negatives`, see mmret.data.mined_negatives): each sample brings k mined images and k mined captions
 from the whole training set — the swapped bindings and orders a batch of 64 rarely contains — scored as
 extra negatives of its caption and of its image. With unfrozen towers, `contrastive_weight` adds the dual
 encoder's InfoNCE on the towers' pooled embeddings over the gathered batch (ALBEF's image-text contrastive
@@ -32,6 +32,7 @@ batch: `mmret eval --reranker` can rescore any top-K list in any order and batch
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Literal
 
@@ -43,6 +44,7 @@ from mmret import distributed
 from mmret.errors import UsageError
 from mmret.evaluation.retrieval import EvalSetEmbedder, caption_hash, evaluation_metrics
 from mmret.losses import InfoNCELoss, ListwiseLoss, binary_cross_entropy_loss
+from mmret.mining.in_batch import sample_hard_negatives
 from mmret.models import (
     create_model,
     create_transforms,
@@ -52,53 +54,8 @@ from mmret.models import (
     param_groups_for_weight_decay,
 )
 from mmret.models.fusion import FusionScorer, PixelStem, image_tokens, text_tokens, tower_widths
-from mmret.modules.dual_encoder import warmup_cosine
-
-
-def sample_hard_negatives(
-    similarity: Tensor,
-    query_ids: Tensor,
-    candidate_ids: Tensor,
-    num_negatives: int,
-    mode: Literal["similarity", "hardest", "uniform"] = "similarity",
-    temperature: float = 0.05,
-    generator: torch.Generator | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Pick hard negative candidates per query, never one with the query's id.
-
-    Args:
-        similarity: [Q, N] query-candidate similarity (e.g. cosine of dual-encoder embeddings).
-        query_ids: [Q] sample id of each query.
-        candidate_ids: [N] sample id of each candidate.
-        num_negatives: K, negatives per query.
-        mode: "similarity": drawn without replacement with probability ∝ softmax(similarity / temperature);
-            "hardest": the K most similar; "uniform": uniformly at random.
-        temperature: softmax temperature of "similarity" sampling.
-        generator: random generator of the draws.
-
-    Returns:
-        indices [Q, K'] into the candidates and a bool [Q, K'] validity mask (False: padding, for a query
-        with fewer than K allowed candidates); K' = min(K, N).
-    """
-    allowed = query_ids[:, None] != candidate_ids[None, :]  # [Q, N]
-    count = min(num_negatives, similarity.shape[1])
-    if count <= 0:
-        empty = similarity.new_zeros(similarity.shape[0], 0)
-        return empty.long(), empty.bool()
-    similarity = similarity.detach().float()
-    if mode == "hardest":
-        keys = similarity.masked_fill(~allowed, float("-inf"))
-    elif mode in ("similarity", "uniform"):
-        # Gumbel top-k == sampling without replacement ∝ exp(logits); -inf keeps same-id pairs out for good.
-        logits = similarity / temperature if mode == "similarity" else torch.zeros_like(similarity)
-        uniform = torch.rand(similarity.shape, generator=generator, device="cpu").to(similarity.device)
-        gumbel = -torch.log(-torch.log(uniform.clamp(1e-20, 1.0 - 1e-7)))
-        keys = (logits + gumbel).masked_fill(~allowed, float("-inf"))
-    else:
-        raise ValueError(f"mode must be 'similarity', 'hardest' or 'uniform', got {mode!r}")
-    top = keys.topk(count, dim=1)  # [Q, K']
-    valid = torch.isfinite(top.values) & allowed.gather(1, top.indices)
-    return top.indices, valid
+from mmret.training.checkpoint_io import hyperparameters_for, read_checkpoint
+from mmret.training.schedule import warmup_cosine
 
 
 class CrossEncoder(LightningModule):
@@ -109,7 +66,7 @@ class CrossEncoder(LightningModule):
         model: open_clip model name, an mmret `test-*` config or a JSON config path for the towers (ignored when
             `dual_encoder` is set).
         pretrained: open_clip pretrained tag or local weights for `model`. None: random init.
-        dual_encoder: A dual-encoder checkpoint (`mmret fit` with mmret.modules.DualEncoder) whose trained towers
+        dual_encoder: A dual-encoder checkpoint (`mmret fit` with mmret.training.DualEncoder) whose trained towers
             initialise this reranker's towers.
         lock_image: Freeze the image tower.
         lock_text: Freeze the text tower.
@@ -146,9 +103,9 @@ class CrossEncoder(LightningModule):
             from the dual encoder's ranking and its fusion layers learn the corrections.
         contrastive_weight: w > 0 adds w × the dual encoder's InfoNCE loss on the towers' pooled embeddings over
             the (gathered) batch, ALBEF's image-text contrastive term: with unfrozen towers it keeps their
-            embedding space, which the fusion's gradient alone tears apart (measured on shapes: the towers'
-            own val recall@1 fell from 0.58 to 0.02 after one epoch), and the towers keep learning what the
-            dual encoder learns. Needs an unfrozen tower.
+            embedding space, which the fusion's gradient alone tears apart (experiments/shapes_reranker.yaml
+            records the measurement), and the towers keep learning what the dual encoder learns. Needs an
+            unfrozen tower.
         lr: Peak AdamW learning rate.
         tower_lr_scale: Learning rate of unfrozen towers as a fraction of `lr`.
         weight_decay: AdamW weight decay (not on norms, biases, embeddings).
@@ -205,12 +162,14 @@ class CrossEncoder(LightningModule):
         if contrastive_weight < 0:
             raise UsageError(f"model.contrastive_weight is {contrastive_weight}; expected a number >= 0")
         if contrastive_weight > 0 and lock_image and lock_text:
-            raise UsageError("model.contrastive_weight > 0 trains the towers; unlock one (model.lock_image/lock_text)")
+            raise UsageError(
+                "model.contrastive_weight > 0 trains the towers; unlock one (model.lock_image/lock_text)"
+            )
         self.save_hyperparameters()
         if dual_encoder is not None:
-            from mmret.checkpoints import load_dual_encoder, read_checkpoint
+            from mmret.training.dual_encoder import DualEncoder
 
-            self.model = load_dual_encoder(dual_encoder).model.train()  # loaded in eval mode
+            self.model = DualEncoder.from_checkpoint(dual_encoder).model.train()  # loaded in eval mode
             # The architecture name comes from the checkpoint itself: under LightningCLI the DualEncoder built
             # inside this constructor would record this module's hyperparameters as its own.
             self.tower_name = read_checkpoint(dual_encoder, "dual_encoder")["mmret"]["model"]
@@ -497,8 +456,22 @@ class CrossEncoder(LightningModule):
             self.log(f"val/{name}", float(value), sync_dist=False, rank_zero_only=False)
 
     # ---- checkpoints -------------------------------------------------------------------------------------
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> CrossEncoder:
+        """The trained reranker of a checkpoint, in eval mode on `device`.
+
+        The towers are rebuilt from the architecture name saved in the checkpoint, so neither the dual-encoder
+        checkpoint it was initialised from nor any pretrained download is needed.
+        """
+        checkpoint = read_checkpoint(path, "cross_encoder")
+        hparams = hyperparameters_for(cls, checkpoint)
+        hparams.update(model=checkpoint["mmret"]["model"], pretrained=None, dual_encoder=None)
+        module = cls(**hparams)
+        module.load_state_dict(checkpoint["state_dict"])
+        return module.to(device).eval()
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # `tower_name` lets `load_cross_encoder` rebuild the towers without the dual-encoder checkpoint.
+        # `tower_name` lets `from_checkpoint` rebuild the towers without the dual-encoder checkpoint.
         checkpoint["mmret"] = {"kind": "cross_encoder", "model": self.tower_name}
 
 

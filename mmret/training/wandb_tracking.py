@@ -37,6 +37,8 @@ from pathlib import Path
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from mmret.io import write_text_atomic
+
 RUN_ID_FILE = "wandb_run.json"
 
 
@@ -68,10 +70,7 @@ def run_id_for(run_dir: str | Path) -> str | None:
     run_id = "".join(
         secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8)
     )  # W&B's id style
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"id": run_id}) + "\n")
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps({"id": run_id}) + "\n")
     return run_id
 
 
@@ -95,7 +94,7 @@ def build_wandb_logger(
     """
     from lightning.pytorch.loggers import WandbLogger
 
-    from mmret.training_cli import git_commit
+    from mmret.training.provenance import git_commit
 
     os.environ.setdefault("WANDB_MODE", wandb_mode())
     run_dir = Path(run_dir)
@@ -219,8 +218,8 @@ class ValidationExamplesToWandb(Callback):
         import wandb
         from PIL import Image
 
-        from mmret.evaluation.evaluate_cli import read_images
         from mmret.evaluation.retrieval import top_k_candidates
+        from mmret.evaluation.shard_set import read_images
 
         queries = list(range(min(self.num_queries, eval_set.num_texts)))
         top = top_k_candidates(eval_set.text_emb[queries], eval_set.image_emb, self.top_k)  # [Q, k]

@@ -28,19 +28,17 @@ interrupted ones resume.
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import shlex
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from mmret.errors import UsageError
+from mmret.io import atomic_file, write_text_atomic
+from mmret.resources import resolve_shipped, shipped_path
 
-SBATCH_SCRIPT = Path(__file__).resolve().parents[1] / "slurm" / "train.sbatch"
+SBATCH_SCRIPT = "slurm/train.sbatch"  # a shipped file (mmret.resources)
 _KEYS = {
     "name",
     "experiment",
@@ -139,7 +137,8 @@ class Sweep:
             ]
         return args
 
-    def sbatch_command(self, script: Path = SBATCH_SCRIPT) -> list[str]:
+    def sbatch_command(self, script: Path | None = None) -> list[str]:
+        script = script or shipped_path(SBATCH_SCRIPT)
         count = len(self.points())
         command = [
             "sbatch",
@@ -164,7 +163,7 @@ def _text(value) -> str:
 
 def load_sweep(path: Path) -> Sweep:
     """Reads and checks a sweep file (see the module docstring)."""
-    path = Path(path)
+    path = resolve_shipped(path)
     if not path.is_file():
         raise UsageError(f"sweep file {path} does not exist")
     try:
@@ -184,7 +183,7 @@ def load_sweep(path: Path) -> Sweep:
     grid = raw["grid"]
     if not isinstance(grid, dict) or not grid or not all(isinstance(v, list) and v for v in grid.values()):
         raise UsageError(f"sweep file {path}: `grid` must map each config key to a non-empty list of values")
-    experiment = Path(raw["experiment"])
+    experiment = resolve_shipped(raw["experiment"])
     if not experiment.is_file():
         raise UsageError(f"sweep file {path}: experiment {experiment} does not exist")
     seeds = raw.get("seeds", [None])
@@ -221,41 +220,8 @@ def write_point_files(sweep: Sweep) -> Path:
     points = sweep.points()
     for point in points:
         point.run_dir.mkdir(parents=True, exist_ok=True)
-        (point.run_dir / "sweep_args").write_bytes(b"".join(arg.encode() + b"\0" for arg in point.args))
-    listing = sweep.directory / "run_dirs.txt"
-    tmp = listing.with_name(".run_dirs.txt.tmp")
-    tmp.write_text("".join(f"{point.run_dir}\n" for point in points))
-    tmp.replace(listing)
-    return listing
-
-
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("sweep", help="a sweep file, e.g. experiments/sweeps/digits_loss_batch.yaml")
-    parser.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="print the sbatch command and the points; write and submit nothing",
+        with atomic_file(point.run_dir / "sweep_args", binary=True) as handle:
+            handle.write(b"".join(arg.encode() + b"\0" for arg in point.args))
+    return write_text_atomic(
+        sweep.directory / "run_dirs.txt", "".join(f"{point.run_dir}\n" for point in points)
     )
-
-
-def run(args: argparse.Namespace) -> int:
-    sweep = load_sweep(Path(args.sweep))
-    points = sweep.points()
-    command = sweep.sbatch_command()
-    print(f"# sweep {sweep.name}: {len(points)} points, at most {sweep.max_parallel} at a time")
-    for index, point in enumerate(points):
-        print(f"[{index}] {point.label}  ->  {point.run_dir}")
-        print(f"    mmret fit {shlex.join(point.args)}")
-    print(shlex.join(command))
-    if args.dry_run:
-        return 0
-    write_point_files(sweep)
-    try:
-        submitted = subprocess.run(command, capture_output=True, text=True)
-    except FileNotFoundError as err:
-        raise UsageError("sbatch was not found; submit from a SLURM login node (or use --dry-run)") from err
-    if submitted.returncode != 0:
-        raise UsageError(f"sbatch failed: {submitted.stderr.strip().splitlines()[-1:]}")
-    print(submitted.stdout.strip())
-    sys.stdout.flush()
-    return 0

@@ -10,7 +10,7 @@ Sizes (samples per shard) come from `DIR/dataset.json` (`shards` + `shard_sizes`
 per-shard `NNNNN_stats.json` (`successes`); they give the default samples per epoch and weight how often each
 shard is drawn during training. Only local paths are supported.
 
-    from mmret.data.shard_sources import resolve_sources
+    from mmret.data.shard_sets import resolve_sources
     sources = resolve_sources(["/data/a", "/data/b/{00000..00003}.tar"], role="train")
 """
 

@@ -1,4 +1,7 @@
-"""Offline hard negatives from `mmret mine`, attached to training samples by the data module.
+"""The mined-negatives file (`mmret mine` writes it, the data module reads it) and its use in training.
+
+    write_mined_negatives(path, header, records)      # JSON Lines: a header line, then one record per query
+    header, records = read_mined_negatives(path)
 
     RetrievalDataModule(dataset="shapes", mined_negatives="mined/shapes_train.jsonl", mined_per_sample=4)
     # every training batch then also carries, per sample, up to 4 mined negative images and 4 captions:
@@ -8,6 +11,13 @@
     #   batch["mined_text"]        [B * k, L]        captions it confused with the sample's image, tokenised
     #   batch["mined_text_valid"]  [B, k] bool
     #   batch["mined_caption"]     list of B lists of k strings ("" where not valid)
+
+Format: line 1 is a header `{"format": "mmret-mined-negatives", "version": 1, "model", "data", "options",
+"counts"}`; then one record per query:
+    {"direction": "text_to_image", "query": CAPTION, "positive_ids": [IMAGE_ID...], "positive_score": s,
+     "negative_ids": [IMAGE_ID...], "negative_scores": [...]}
+    {"direction": "image_to_text", "query_id": IMAGE_ID, "positive_captions": [...], "positive_score": s,
+     "negative_captions": [...], "negative_scores": [...]}
 
 The mined file is keyed by what the training stream hands out: text -> image records by the exact caption
 string, image -> text records by the image's sample id, so it must be mined on the same training shards
@@ -26,6 +36,7 @@ import json
 import os
 import tarfile
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,6 +45,32 @@ from PIL import Image
 
 from mmret.data.samples import IMAGE_EXTENSIONS, _split_name, stable_sample_id
 from mmret.errors import UsageError
+from mmret.io import write_text_atomic
+
+FORMAT = "mmret-mined-negatives"
+VERSION = 1
+
+
+def write_mined_negatives(path: str | os.PathLike, header: dict, records: Sequence[dict]) -> Path:
+    """Write a mined-negatives file all-or-nothing; `header` gets the format name and version."""
+    header = {"format": FORMAT, "version": VERSION, **header}
+    return write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in [header, *records]))
+
+
+def read_mined_negatives(path: str | os.PathLike) -> tuple[dict, list[dict]]:
+    """The header and the records of a file written by `mmret mine`."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"mined negatives file {path} does not exist; write it with `mmret mine`")
+    with open(path, encoding="utf-8") as handle:
+        lines = [line for line in handle if line.strip()]
+    try:
+        header = json.loads(lines[0]) if lines else {}
+    except json.JSONDecodeError:
+        header = {}
+    if header.get("format") != FORMAT:
+        raise UsageError(f"{path} is not a `mmret mine` output (no {FORMAT!r} header on its first line)")
+    return header, [json.loads(line) for line in lines[1:]]
 
 
 class MinedNegativeStore:
@@ -46,8 +83,6 @@ class MinedNegativeStore:
     """
 
     def __init__(self, path: str | os.PathLike, shards: Sequence[str], per_sample: int):
-        from mmret.mining import read_mined_negatives
-
         if per_sample < 1:
             raise UsageError(f"data module: mined_per_sample is {per_sample}; expected an integer >= 1")
         header, records = read_mined_negatives(path)

@@ -1,8 +1,10 @@
 """The `mmret` console script: one entry point, a subcommand per pipeline step.
 
-`mmret fit|validate|test` go to LightningCLI (see `mmret.training_cli`); every other subcommand lives in the
-module that does the work and exposes `configure_parser(parser)` and `run(args) -> int`. Modules are imported
-only when their command runs, so `mmret --help` stays fast.
+`mmret fit|validate|test` go to LightningCLI (`mmret.cli.fit`); every other subcommand is one module here,
+`mmret.cli.<name>`, with `configure_parser(parser)` and `run(args) -> int`: it reads the arguments and calls the
+library layers below (data, models, evaluation, mining, training, reporting), which never import this package.
+Modules are imported only when their command runs, so `mmret --help` stays fast. `run_command(argv)` is the
+one dispatch: the console script, the tests and `mmret demo` all go through it.
 
     mmret shards SRC --output DIR --image-size 224
     mmret fit -c experiments/digits_clip.yaml --trainer.max_epochs 2
@@ -21,17 +23,14 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test")
 
 # name -> (module, one-line help). The module provides configure_parser(parser) and run(args).
 COMMANDS: dict[str, tuple[str, str]] = {
-    "shards": ("mmret.data.shard_writer", "convert image-caption pairs into pre-resized webdataset shards"),
-    "datasets": ("mmret.data.builtin", "write a built-in offline dataset (digits, shapes) as shards"),
-    "export": ("mmret.checkpoints", "export a trained dual encoder in open_clip's hub layout"),
-    "mine": ("mmret.mining", "hard negatives per query from a trained dual encoder (for the reranker)"),
-    "eval": (
-        "mmret.evaluation.evaluate_cli",
-        "retrieval and zero-shot metrics of a trained model, with pictures",
-    ),
-    "demo": ("mmret.demo", "run the whole pipeline on the built-in offline data"),
-    "sweep": ("mmret.sweep", "expand a sweep (grid x seeds) into a SLURM job array and submit it"),
-    "table": ("mmret.tables", "paper table (markdown / LaTeX) from results files, mean ± std over seeds"),
+    "shards": ("mmret.cli.shards", "convert image-caption pairs into pre-resized webdataset shards"),
+    "datasets": ("mmret.cli.datasets", "write a built-in offline dataset (digits, shapes) as shards"),
+    "export": ("mmret.cli.export", "export a trained dual encoder in open_clip's hub layout"),
+    "mine": ("mmret.cli.mine", "hard negatives per query from a trained dual encoder (for the reranker)"),
+    "eval": ("mmret.cli.eval", "retrieval and zero-shot metrics of a trained model, with pictures"),
+    "demo": ("mmret.cli.demo", "run the whole pipeline on the built-in offline data"),
+    "sweep": ("mmret.cli.sweep", "expand a sweep (grid x seeds) into a SLURM job array and submit it"),
+    "table": ("mmret.cli.table", "paper table (markdown / LaTeX) from results files, mean ± std over seeds"),
 }
 
 
@@ -59,14 +58,25 @@ def _command_parser(name: str) -> tuple[argparse.ArgumentParser, object]:
     return parser, module
 
 
+def run_command(argv: Sequence[str]) -> int:
+    """Run one known mmret command (argv without the program name) in this process; UsageError propagates.
+
+    Returns:
+        The command's exit code.
+    """
+    argv = list(argv)
+    if argv[0] in LIGHTNING_COMMANDS:
+        from mmret.cli.fit import run_lightning_cli
+
+        return run_lightning_cli(argv)
+    parser, module = _command_parser(argv[0])
+    return module.run(parser.parse_args(argv[1:]))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one mmret command. Returns the exit code (also used by tests that call it in-process)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in LIGHTNING_COMMANDS:
-        from mmret.training_cli import run_lightning_cli
-
-        return _report_errors(argv[0], lambda: run_lightning_cli(argv))
-    if not argv or argv[0] not in COMMANDS:
+    if not argv or argv[0] not in (*LIGHTNING_COMMANDS, *COMMANDS):
         parser = build_parser()
         if not argv or argv[0] in ("-h", "--help"):
             parser.print_help()
@@ -78,10 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    name = argv[0]
-    parser, module = _command_parser(name)
-    args = parser.parse_args(argv[1:])
-    return _report_errors(name, lambda: module.run(args))
+    return _report_errors(argv[0], lambda: run_command(argv))
 
 
 def _report_errors(name: str, func) -> int:

@@ -1,0 +1,127 @@
+"""`mmret eval`: retrieval and zero-shot metrics of a trained dual encoder on a shard set, with pictures.
+
+    mmret eval --model runs/digits_clip/last.ckpt --data data/digits --output results/digits.json
+    mmret eval --model CKPT --data data/shapes/test --task retrieval --device cuda --batch-size 256 --output r.json
+    mmret eval --model CKPT --reranker RERANKER_CKPT --top-k 10 --data data/shapes --output reranked.json
+
+What is computed and written (the results JSON, `_examples.png`, `_recall.png`) is `mmret.evaluation.results`;
+this module reads the arguments, loads the checkpoints and prints the headline numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from mmret.errors import UsageError
+from mmret.evaluation.results import TASKS
+from mmret.evaluation.shard_set import DEVICES, SPLITS
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `mmret eval`."""
+    parser.add_argument("--model", required=True, help="a dual-encoder .ckpt written by `mmret fit`")
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="a shard directory, or a dataset root holding train/val/test (see --split)",
+    )
+    parser.add_argument(
+        "--output", required=True, help="results JSON to write (replaced if it exists); PNGs go beside it"
+    )
+    parser.add_argument(
+        "--task",
+        choices=TASKS,
+        default="auto",
+        help="retrieval: image<->text metrics; zeroshot: also classification accuracy (needs class_names in "
+        "dataset.json); auto: zeroshot when the data has classes (default)",
+    )
+    parser.add_argument(
+        "--split", choices=SPLITS, default="test", help="split of a dataset root (default: test)"
+    )
+    parser.add_argument("--batch-size", type=int, default=128, help="images (and captions) per forward pass")
+    parser.add_argument("--device", choices=DEVICES, default="auto", help="auto: cuda when available")
+    parser.add_argument("--num-workers", type=int, default=1, help="data loader worker processes")
+    parser.add_argument("--num-examples", type=int, default=6, help="text queries shown in the examples PNG")
+    parser.add_argument("--examples-top-k", type=int, default=8, help="images shown per example query")
+    parser.add_argument(
+        "--reranker",
+        default=None,
+        help="a cross-encoder .ckpt (`mmret fit` with mmret.training.CrossEncoder): rescore each "
+        "query's top-K and add reranked_metrics and the first-stage recall@K ceiling",
+    )
+    parser.add_argument("--top-k", type=int, default=20, help="candidates per query the reranker rescores")
+    parser.add_argument(
+        "--wandb-summary",
+        action="store_true",
+        help="also set the results as the summary of the W&B run of the checkpoint's run directory "
+        "(RUN_DIR/wandb_run.json, written by `mmret fit --wandb_project P`); offline unless logged in",
+    )
+    parser.add_argument(
+        "--fusion",
+        type=float,
+        default=0.0,
+        help="weight in [0, 1] of the first-stage score fused with the reranker's (default 0)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run `mmret eval` with parsed arguments."""
+    from mmret.evaluation.results import EvalOptions, evaluate, open_eval_data
+    from mmret.evaluation.shard_set import resolve_data_path, resolve_device
+    from mmret.io import check_output_file
+    from mmret.training import CrossEncoder, DualEncoder
+
+    output = check_output_file(args.output, expected="a results .json file")
+    check_numbers(args)
+    data_path = resolve_data_path(args.data, args.split)
+    device = resolve_device(args.device)
+    if args.wandb_summary:
+        from mmret.training.wandb_tracking import check_results_summary_target
+
+        check_results_summary_target(args.model)  # before any work: a run without W&B is a usage error
+    eval_data = open_eval_data(data_path, args.task, args.batch_size, args.num_workers)
+    module = DualEncoder.from_checkpoint(args.model, device)  # UsageError for any other checkpoint
+    reranker = CrossEncoder.from_checkpoint(args.reranker, device) if args.reranker is not None else None
+    options = EvalOptions(
+        model=args.model, output=str(output), task=args.task, split=args.split, batch_size=args.batch_size,
+        device=str(device), num_workers=args.num_workers, num_examples=args.num_examples,
+        examples_top_k=args.examples_top_k, reranker=args.reranker, top_k=args.top_k, fusion=args.fusion,
+    )  # fmt: skip
+    results = evaluate(module, eval_data, options, reranker=reranker)
+    if args.wandb_summary:
+        from mmret.training.wandb_tracking import log_results_summary, run_dir_of_checkpoint
+
+        run_id = log_results_summary(run_dir_of_checkpoint(args.model), results)
+        print(f"set the results as the summary of W&B run {run_id}")
+    print(summary_line(results))
+    print(f"wrote {output}, {', '.join(results['pictures'])}")
+    return 0
+
+
+def summary_line(results: dict) -> str:
+    """`retrieval: N images, M texts: image_retrieval_recall@1=..., ...` (and the reranked R@1)."""
+    metrics, reranked, top_k = results["metrics"], results.get("reranked_metrics"), results.get("top_k")
+    shown = [key for key in ("image_retrieval_recall@1", "text_retrieval_recall@1", "acc1") if key in metrics]
+    summary = ", ".join(f"{key}={metrics[key]:.4f}" for key in shown)
+    if reranked is not None:
+        ceiling = results["first_stage_ceiling"]
+        summary += (
+            f"; reranked top-{top_k}: image_retrieval_recall@1={reranked['image_retrieval_recall@1']:.4f}"
+            f" (ceiling {ceiling[f'image_retrieval_recall@{top_k}']:.4f})"
+        )
+    return f"{results['task']}: {results['num_images']} images, {results['num_texts']} texts: {summary}"
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    for name in ("batch_size", "num_examples", "examples_top_k"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} is {getattr(args, name)}; expected an integer >= 1")
+    if getattr(args, "top_k", 1) < 1:
+        raise UsageError(f"--top-k is {args.top_k}; expected an integer >= 1")
+    if not 0.0 <= getattr(args, "fusion", 0.0) <= 1.0:
+        raise UsageError(f"--fusion is {args.fusion}; expected a weight in [0, 1]")
+    if getattr(args, "reranker", None) is not None and not Path(args.reranker).is_file():
+        raise UsageError(f"--reranker {args.reranker} does not exist; expected a cross-encoder .ckpt")
+    if args.num_workers < 0:
+        raise UsageError(f"--num-workers is {args.num_workers}; expected an integer >= 0")

@@ -1,0 +1,97 @@
+"""Reading and writing mmret training checkpoints, and the reranker's export.
+
+    checkpoint = read_checkpoint(path, "dual_encoder")      # UsageError unless an mmret dual-encoder checkpoint
+    DualEncoder.from_checkpoint(path), CrossEncoder.from_checkpoint(path)   # build on these
+    Trainer(plugins=[AtomicCheckpointIO()])                 # what `mmret fit` saves with
+    export_cross_encoder(path, "exported/reranker")         # reranker_config.json + reranker_model.safetensors
+
+Every checkpoint `mmret fit` writes carries `checkpoint["mmret"] = {"kind": "dual_encoder" | "cross_encoder",
+"model": <architecture name>, ...}`; that is how a command knows what it was given.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from pathlib import Path
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from mmret.errors import UsageError
+from mmret.io import atomic_file, atomic_output_dir, follow_umask
+
+_CLASS_OF_KIND = {"dual_encoder": "DualEncoder", "cross_encoder": "CrossEncoder"}
+
+
+def read_checkpoint(path: str | os.PathLike, expected_kind: str) -> dict:
+    """The checkpoint dict at `path`, checked to be an mmret checkpoint of `expected_kind` (e.g. dual_encoder)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"checkpoint {path} does not exist; expected a .ckpt file written by `mmret fit`")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # torch raises many types for a file that is not a checkpoint
+        raise UsageError(
+            f"{path} is not a readable checkpoint ({type(err).__name__}); expected a .ckpt file "
+            "written by `mmret fit`"
+        ) from None
+    kind = checkpoint.get("mmret", {}).get("kind") if isinstance(checkpoint, dict) else None
+    if kind != expected_kind:
+        found = f"an mmret {kind} checkpoint" if kind else "not an mmret checkpoint"
+        raise UsageError(
+            f"{path} is {found}; expected an mmret {expected_kind.replace('_', ' ')} checkpoint "
+            f"(`mmret fit` with model class mmret.training.{_CLASS_OF_KIND.get(expected_kind, 'DualEncoder')})"
+        )
+    return checkpoint
+
+
+def hyperparameters_for(module_class: type, checkpoint: dict) -> dict:
+    """The checkpoint's saved hyperparameters that `module_class.__init__` accepts."""
+    allowed = set(inspect.signature(module_class.__init__).parameters) - {"self"}
+    return {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if k in allowed}
+
+
+def checkpoint_kind(path: str | os.PathLike) -> str | None:
+    """The `mmret.kind` of a checkpoint file, None when unreadable (the loader then says what is wrong)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception:  # not a zip checkpoint, missing, ...: left to read_checkpoint's messages
+        return None
+    return checkpoint.get("mmret", {}).get("kind") if isinstance(checkpoint, dict) else None
+
+
+def export_cross_encoder(path: str | os.PathLike, output: str | os.PathLike) -> Path:
+    """A reranker checkpoint as `reranker_model.safetensors` (its state dict) + `reranker_config.json` (the
+    `CrossEncoder` arguments, towers by architecture name); the folder appears whole or not at all (an existing
+    one is replaced)."""
+    from safetensors.torch import save_file
+
+    checkpoint = read_checkpoint(path, "cross_encoder")
+    output = Path(output)
+    with atomic_output_dir(output, overwrite=True) as work:
+        hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")}
+        hparams.update(model=checkpoint["mmret"]["model"], pretrained=None, dual_encoder=None)
+        config = {"class": "mmret.training.CrossEncoder", "init_args": hparams}
+        (work / "reranker_config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+        state = {k: v.contiguous() for k, v in checkpoint["state_dict"].items()}
+        save_file(state, str(work / "reranker_model.safetensors"))
+        follow_umask(work / "reranker_model.safetensors")
+    return output
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file in its own directory, fsyncs, then renames it into place
+    (`mmret.io.atomic_file`: the file follows the umask, 0644 under 022).
+
+    A run killed at any moment (SIGKILL, preemption, node failure) leaves either the previous checkpoint or the new
+    one, never a truncated file. (Lightning's default stages local files through the system temp directory, and
+    a move across file systems is a copy that can be cut short.)
+    """
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if "://" in str(path):  # remote storage: Lightning's own transactional upload
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        with atomic_file(path, binary=True) as handle:
+            torch.save(checkpoint, handle)
