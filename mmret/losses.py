@@ -16,6 +16,17 @@ logit_scale's is exact; with `local_loss=True` the gradient that flows through o
 Optional `sample_ids` (`[B]`, e.g. the image id of each caption): two rows with the same id are never each
 other's negatives (several captions of one image in a batch).
 
+Hard negatives (`HardNegatives`, optional `negatives=` of both dual-encoder losses): extra text embeddings per
+image row (compositional perturbations of its caption, mined captions) and extra image embeddings per caption row
+(mined images), `[B, K, D]` each. They are gathered from every rank with gradient, like the batch, and every row
+is contrasted with all of them (sentence-transformers' MultipleNegativesRankingLoss with negative columns: equal
+loss and gradients, tests/test_hard_negatives.py). Padding (`*_valid`) and negatives that are a row's positive
+(an image negative with the row's sample id, a text negative whose caption key is one of the row's captions)
+are left out of that row's denominator.
+
+    negatives = HardNegatives(text=perturbed_emb.view(B, k, D), text_keys=keys, row_text_keys=row_keys)
+    loss = InfoNCELoss()(image_emb, text_emb, logit_scale.exp(), sample_ids=ids, negatives=negatives)
+
 Rerankers: `listwise_infonce_loss` / `ListwiseLoss` (several positives per query) and
 `binary_cross_entropy_loss` over a `[Q, C]` score matrix.
 
@@ -27,6 +38,8 @@ Tests: `.venv/bin/pytest tests/test_losses.py` (single process) and `-m ddp test
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -58,6 +71,125 @@ def _same_id_off_positive(row_ids: Tensor, col_ids: Tensor, positive_cols: Tenso
     return same
 
 
+@dataclass
+class HardNegatives:
+    """Extra negatives of a dual-encoder batch, a fixed number per row, gathered from every rank like the batch.
+
+    Every row is contrasted against every rank's hard negatives of its kind, not only its own (the in-batch
+    convention of sentence-transformers' MultipleNegativesRankingLoss with negative columns), so the
+    effective number of hard negatives also grows with the world size.
+
+    Attributes:
+        text: `[B, Kt, D]` normalised text embeddings: negatives of image row i (e.g. compositional
+            perturbations of its caption, or captions mined for it); contrasted with the image rows.
+        text_valid: bool `[B, Kt]`; False marks padding (neither positive nor negative).
+        text_keys: int64 `[B, Kt]` caption keys (`mmret.data.perturb.caption_key`) of the text negatives.
+        row_text_keys: int64 `[B, C]` keys of each row's own positive captions (-1 pads): a text negative whose
+            key is one of a row's keys describes that row's image, so it is not that row's negative.
+        image: `[B, Ki, D]` normalised image embeddings: negatives of caption row i (e.g. images mined for it).
+        image_valid: bool `[B, Ki]`.
+        image_ids: int64 `[B, Ki]` sample ids of the image negatives: one whose id is a row's `sample_ids`
+            entry is that row's own image, not its negative.
+    """
+
+    text: Tensor | None = None
+    text_valid: Tensor | None = None
+    text_keys: Tensor | None = None
+    row_text_keys: Tensor | None = None
+    image: Tensor | None = None
+    image_valid: Tensor | None = None
+    image_ids: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("text", "image"):
+            emb = getattr(self, name)
+            if emb is not None and emb.dim() != 3:
+                raise ValueError(f"HardNegatives.{name} must be [B, K, D], got shape {tuple(emb.shape)}")
+            for suffix in ("valid", "keys", "ids"):
+                extra = getattr(self, f"{name}_{suffix}", None)
+                if extra is not None and (emb is None or tuple(extra.shape) != tuple(emb.shape[:2])):
+                    raise ValueError(f"HardNegatives.{name}_{suffix} must be [B, K] like {name}")
+
+    def with_embeddings(self, text: Tensor | None, image: Tensor | None) -> HardNegatives:
+        """The same masks and keys with other embeddings (GradCache's cached leaves)."""
+        return HardNegatives(
+            text=text,
+            text_valid=self.text_valid,
+            text_keys=self.text_keys,
+            row_text_keys=self.row_text_keys,
+            image=image,
+            image_valid=self.image_valid,
+            image_ids=self.image_ids,
+        )
+
+
+@dataclass
+class _NegativeColumns:
+    """Gathered hard negatives of one kind: `[M, D]` embeddings and a `[rows, M]` mask of non-negatives."""
+
+    emb: Tensor
+    excluded: Tensor
+
+
+def _gather_rows(tensor: Tensor | None, gather: Callable[[Tensor], Tensor], world_size: int) -> Tensor | None:
+    if tensor is None or world_size == 1:
+        return tensor
+    return gather(tensor)
+
+
+def _negative_columns(
+    emb: Tensor,
+    valid: Tensor | None,
+    column_keys: Tensor | None,
+    row_keys: Tensor | None,
+    world_size: int,
+    gather_emb: Callable[[Tensor], Tensor],
+) -> _NegativeColumns:
+    """Flatten (and gather) `[B, K, D]` negatives into columns; exclude padding and columns matching a row key.
+
+    `row_keys` is `[rows, C]` (C keys per row; -1 pads) already aligned with the rows being scored.
+    """
+    batch, k, dim = emb.shape
+    device = emb.device
+    flat = emb.reshape(batch * k, dim)  # [B*K, D], row-major: (row, k)
+    all_emb = _gather_rows(flat, gather_emb, world_size)  # [M, D], M = world*B*K
+    num = all_emb.shape[0]
+    rows = row_keys.shape[0] if row_keys is not None else None
+    excluded = None
+    if valid is not None:
+        all_valid = _gather_rows(
+            valid.to(device).reshape(-1), distributed.all_gather_no_grad, world_size
+        )  # [M]
+        excluded = ~all_valid.bool()[None, :]  # [1, M]
+    if column_keys is not None and row_keys is not None:
+        all_keys = _gather_rows(
+            column_keys.to(device).reshape(-1), distributed.all_gather_no_grad, world_size
+        )
+        row_keys = row_keys.to(device)
+        match = ((row_keys[:, :, None] == all_keys[None, None, :]) & (row_keys[:, :, None] >= 0)).any(dim=1)
+        excluded = match if excluded is None else (excluded | match)  # [rows, M]
+    if excluded is None:
+        excluded = torch.zeros(1, num, dtype=torch.bool, device=device)
+    if rows is not None and excluded.shape[0] == 1:
+        excluded = excluded.expand(rows, num)
+    return _NegativeColumns(all_emb, excluded)
+
+
+def _with_negative_columns(
+    logits: Tensor, rows_emb: Tensor, logit_scale: Tensor, columns: _NegativeColumns | None
+) -> Tensor:
+    """`[R, N]` logits extended by the hard-negative columns `[R, M]` (excluded ones at -inf)."""
+    if columns is None:
+        return logits
+    extra = (logit_scale * rows_emb) @ columns.emb.T  # [R, M]
+    extra = extra.masked_fill(columns.excluded.expand_as(extra), float("-inf"))
+    return torch.cat([logits, extra], dim=1)
+
+
+def _as_key_rows(ids: Tensor | None) -> Tensor | None:
+    return None if ids is None else ids[:, None]
+
+
 class InfoNCELoss(nn.Module):
     """Symmetric InfoNCE (CLIP) loss with negatives gathered from every rank.
 
@@ -82,7 +214,12 @@ class InfoNCELoss(nn.Module):
         return distributed.all_gather_no_grad(tensor, keep_local_grad=not self.local_loss)
 
     def forward(
-        self, image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor, sample_ids: Tensor | None = None
+        self,
+        image_emb: Tensor,
+        text_emb: Tensor,
+        logit_scale: Tensor,
+        sample_ids: Tensor | None = None,
+        negatives: HardNegatives | None = None,
     ) -> Tensor:
         """Mean over this rank's rows (or all rows) of (CE image->text + CE text->image) / 2.
 
@@ -91,6 +228,8 @@ class InfoNCELoss(nn.Module):
             text_emb: `[B, D]` normalised text embeddings.
             logit_scale: scalar, already exponentiated.
             sample_ids: optional `[B]` integer ids; rows sharing an id are not each other's negatives.
+            negatives: optional hard negatives (`HardNegatives`): text negatives join the image->text
+                denominators, image negatives the text->image ones, gathered from every rank.
 
         Returns:
             scalar loss.
@@ -107,17 +246,18 @@ class InfoNCELoss(nn.Module):
                 all_image, all_text = self._gather(image_emb), self._gather(text_emb)  # [N, D], N = world*B
                 all_ids = None if sample_ids is None else distributed.all_gather_no_grad(sample_ids)
 
-            if self.local_loss and world_size > 1:
+            local_rows = self.local_loss and world_size > 1
+            if local_rows:
+                row_image, row_text, row_ids = image_emb, text_emb, sample_ids
                 # Scaling the [B, D] rows rather than the [B, N] product saves one logits-sized buffer.
                 logits_per_image = (logit_scale * image_emb) @ all_text.T  # [B, N]
                 logits_per_text = (logit_scale * text_emb) @ all_image.T  # [B, N]
                 labels = torch.arange(batch, device=image_emb.device) + distributed.get_rank() * batch
-                row_ids = sample_ids
             else:
+                row_image, row_text, row_ids = all_image, all_text, all_ids
                 logits_per_image = (logit_scale * all_image) @ all_text.T  # [N, N]
                 logits_per_text = logits_per_image.T
                 labels = torch.arange(all_image.shape[0], device=image_emb.device)
-                row_ids = all_ids
 
             if sample_ids is not None:
                 masked = _same_id_off_positive(
@@ -126,7 +266,52 @@ class InfoNCELoss(nn.Module):
                 logits_per_image = logits_per_image.masked_fill(masked, float("-inf"))
                 logits_per_text = logits_per_text.masked_fill(masked, float("-inf"))
 
+            if negatives is not None:
+                text_columns, image_columns = self._negative_columns(
+                    negatives, world_size, local_rows, row_ids
+                )
+                logits_per_image = _with_negative_columns(
+                    logits_per_image, row_image, logit_scale, text_columns
+                )
+                logits_per_text = _with_negative_columns(
+                    logits_per_text, row_text, logit_scale, image_columns
+                )
+
             return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+    def _negative_columns(
+        self, negatives: HardNegatives, world_size: int, local_rows: bool, row_ids: Tensor | None
+    ) -> tuple[_NegativeColumns | None, _NegativeColumns | None]:
+        device = (negatives.text if negatives.text is not None else negatives.image).device
+
+        def rows_of(tensor: Tensor | None) -> Tensor | None:
+            # Row-aligned per-row tensors: this rank's rows, or every rank's for the full matrix.
+            if tensor is None or local_rows or world_size == 1:
+                return tensor
+            return distributed.all_gather_no_grad(tensor.to(device))
+
+        text_columns = image_columns = None
+        if negatives.text is not None and negatives.text.shape[1] > 0:
+            negatives_text = _full_precision(negatives.text)[0]
+            text_columns = _negative_columns(
+                negatives_text,
+                negatives.text_valid,
+                negatives.text_keys,
+                rows_of(negatives.row_text_keys),
+                world_size,
+                self._gather,
+            )
+        if negatives.image is not None and negatives.image.shape[1] > 0:
+            negatives_image = _full_precision(negatives.image)[0]
+            image_columns = _negative_columns(
+                negatives_image,
+                negatives.image_valid,
+                negatives.image_ids,
+                _as_key_rows(row_ids),
+                world_size,
+                self._gather,
+            )
+        return text_columns, image_columns
 
 
 class SigLIPLoss(nn.Module):
@@ -170,6 +355,37 @@ class SigLIPLoss(nn.Module):
             terms = terms.masked_fill(dropped, 0.0)
         return terms.sum()
 
+    @staticmethod
+    def _hard_negative_sum(
+        image_emb: Tensor,
+        text_emb: Tensor,
+        logit_scale: Tensor,
+        logit_bias: Tensor,
+        sample_ids: Tensor | None,
+        negatives: HardNegatives,
+        world_size: int,
+    ) -> Tensor:
+        """Sum of -log sigmoid(-logit) over local rows against every rank's hard negatives of the other modality."""
+        total = image_emb.new_zeros(())
+        pairs = []
+        if negatives.text is not None and negatives.text.shape[1] > 0:
+            columns = _negative_columns(
+                _full_precision(negatives.text)[0], negatives.text_valid, negatives.text_keys,
+                negatives.row_text_keys, world_size, distributed.all_gather_with_grad,
+            )  # fmt: skip
+            pairs.append((image_emb, columns))
+        if negatives.image is not None and negatives.image.shape[1] > 0:
+            columns = _negative_columns(
+                _full_precision(negatives.image)[0], negatives.image_valid, negatives.image_ids,
+                _as_key_rows(sample_ids), world_size, distributed.all_gather_with_grad,
+            )  # fmt: skip
+            pairs.append((text_emb, columns))
+        for rows, columns in pairs:
+            logits = (logit_scale * rows) @ columns.emb.T + logit_bias  # [B, M]
+            terms = -F.logsigmoid(-logits)
+            total = total + terms.masked_fill(columns.excluded.expand_as(terms), 0.0).sum()
+        return total
+
     def forward(
         self,
         image_emb: Tensor,
@@ -177,6 +393,7 @@ class SigLIPLoss(nn.Module):
         logit_scale: Tensor,
         logit_bias: Tensor,
         sample_ids: Tensor | None = None,
+        negatives: HardNegatives | None = None,
     ) -> Tensor:
         """Sigmoid loss of this rank's images against every rank's texts.
 
@@ -187,6 +404,8 @@ class SigLIPLoss(nn.Module):
             logit_bias: scalar bias added to every logit.
             sample_ids: optional `[B]` integer ids; pairs that share an id (other than a row's own pair) are
                 dropped from the sum.
+            negatives: optional hard negatives (`HardNegatives`, "gather" only): every (local image, gathered
+                text negative) and (local text, gathered image negative) pair joins the sum as a negative pair.
 
         Returns:
             scalar loss.
@@ -214,7 +433,13 @@ class SigLIPLoss(nn.Module):
                 total = self._pair_loss_sum(
                     image_emb, all_text, logit_scale, logit_bias, positive_cols, dropped
                 )
+                if negatives is not None:
+                    total = total + self._hard_negative_sum(
+                        image_emb, text_emb, logit_scale, logit_bias, sample_ids, negatives, world_size
+                    )
                 return total / batch
+            if negatives is not None:
+                raise ValueError("SigLIPLoss: hard negatives need dist_impl='gather'")
 
             dropped = None if sample_ids is None else _same_id_off_positive(sample_ids, sample_ids, own_cols)
             total = self._pair_loss_sum(image_emb, text_emb, logit_scale, logit_bias, own_cols, dropped)

@@ -113,8 +113,8 @@ def test_digits_deterministic_by_seed_and_overwrite(digits_root, tmp_path):
 def test_unknown_dataset_is_one_line_exit_2(tmp_path, capsys):
     code = main(["datasets", "mnist", "--output", str(tmp_path / "out")])
     err = capsys.readouterr().err.splitlines()
-    assert code == 2 and len(err) == 1 and "'mnist'" in err[0] and "digits, shapes" in err[0]
-    assert BUILTIN_DATASETS == ("digits", "shapes")
+    assert code == 2 and len(err) == 1 and "'mnist'" in err[0] and "digits, shapes, digit_scenes" in err[0]
+    assert BUILTIN_DATASETS == ("digits", "shapes", "digit_scenes")
     assert main(["datasets", "shapes", "--output", str(tmp_path / "out"), "--image-size", "0"]) == 2
     assert len(capsys.readouterr().err.splitlines()) == 1
     assert list(tmp_path.iterdir()) == []

@@ -1,9 +1,13 @@
-"""`mmret datasets NAME --output DIR`: a built-in offline dataset (digits, shapes) as shards in DIR/{train,val,test}.
+"""`mmret datasets NAME --output DIR`: a built-in offline dataset (digits, shapes, digit_scenes) as shards.
+
+The shards go to DIR/train, DIR/val and DIR/test; NAME is one of `mmret.data.builtin.BUILTIN_DATASETS`.
 
     mmret datasets digits --output data/digits
     mmret datasets shapes --output data/shapes --image-size 64 --seed 0
+    mmret datasets digit_scenes --output data/digit_scenes
 
-The datasets and their splits are `mmret.data.builtin` (and `digits.py`, `shapes.py` beside it).
+The datasets and their splits are `mmret.data.builtin` (and `digits.py`, `shapes.py`, `digit_scenes.py`
+beside it).
 """
 
 from __future__ import annotations

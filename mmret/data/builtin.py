@@ -1,14 +1,16 @@
-"""Write a built-in offline dataset as shards (`mmret datasets`): `digits` and `shapes`.
+"""Write a built-in offline dataset as shards (`mmret datasets`): `digits`, `shapes` and `digit_scenes`.
 
     mmret datasets digits --output data/digits            # ROOT/train, ROOT/val, ROOT/test
     mmret datasets shapes --output data/shapes --seed 1 --image-size 96
+    mmret datasets digit_scenes --output data/digit_scenes
 
     from mmret.data.builtin import build_dataset
     root = build_dataset("shapes", "data/shapes")          # what a data module calls when data/shapes is missing
 
-Both need no download and build in seconds on a CPU (see `mmret.data.digits` and `mmret.data.shapes` for
-what they hold). The same (name, seed, image_size) gives
-byte-identical shards; another seed gives another split (digits) or other scenes (shapes). The three splits
+None needs a download; each builds in seconds on a CPU (see `mmret.data.digits`, `mmret.data.shapes` and
+`mmret.data.digit_scenes` for what they hold). The same (name, seed, image_size) gives byte-identical
+shards; another seed gives another split (digits) or other scenes (shapes, digit_scenes: also another
+split of the scans). The three splits
 appear together: they are written into a hidden sibling folder that is renamed to ROOT at the end, so two
 processes building the same dataset at once (e.g. DDP ranks) both end up with one complete copy. Asking
 again for a dataset that is already there with the same seed and image size does nothing.
@@ -24,7 +26,7 @@ from mmret.data.shard_writer import write_shards
 from mmret.errors import UsageError
 from mmret.io import atomic_output_dir, check_output_dir
 
-BUILTIN_DATASETS = ("digits", "shapes")
+BUILTIN_DATASETS = ("digits", "shapes", "digit_scenes")
 SPLITS = ("train", "val", "test")
 SHARD_SIZE = 1000
 
@@ -62,7 +64,7 @@ def build_dataset(
     Args:
         name: one of BUILTIN_DATASETS.
         root: the dataset folder; must be missing or empty unless `overwrite`.
-        seed: chooses the split (digits) or the scenes and their jitter (shapes).
+        seed: chooses the split (digits), the scenes and their jitter (shapes), or all three (digit_scenes).
         image_size: side of the square images, in pixels.
         overwrite: replace an existing dataset (the old one stays until the new one is complete). Without
             it, a complete ROOT built with the same name, seed and image size is returned as it is, and any

@@ -35,6 +35,7 @@ import lightning as L
 
 from mmret.data.loaders import EvalLoader, TrainLoader
 from mmret.data.mined_negatives import MinedNegativeStore
+from mmret.data.perturb import CaptionPerturber
 from mmret.data.shard_sets import ShardSource, resolve_sources, total_samples
 from mmret.data.streams import EvalStream, TrainStream
 from mmret.errors import UsageError
@@ -97,6 +98,14 @@ class RetrievalDataModule(L.LightningDataModule):
             carries `mined_per_sample` of its mined negative images and captions (mmret.data.mined_negatives; the
             reranker, mmret.training.CrossEncoder, scores them beside its in-batch negatives).
         mined_per_sample: Mined negatives attached per sample and direction, drawn afresh each time.
+        caption_negatives: Compositional negatives of each training caption made on the fly
+            (mmret.data.perturb: attribute/object swaps and replacements, relation swaps, shuffles), carried in
+            the batch as `perturbed_*`; the dual encoder adds them to its image->text denominators and the
+            reranker scores them as image->text negatives. 0: none.
+        perturbation_types: The strategies to draw from (names in mmret.data.perturb.PERTURBATION_TYPES);
+            default: every one that applies to a caption.
+        word_classes: Word classes for the targeted strategies, `{name: {role, words}}` with role attribute,
+            object or relation; added to (and overriding) the `word_classes` of the train data's dataset.json.
     """
 
     def __init__(
@@ -117,6 +126,9 @@ class RetrievalDataModule(L.LightningDataModule):
         context_length: int = 77,
         mined_negatives: str | None = None,
         mined_per_sample: int = 4,
+        caption_negatives: int = 0,
+        perturbation_types: list[str] | None = None,
+        word_classes: dict | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -133,6 +145,7 @@ class RetrievalDataModule(L.LightningDataModule):
             ("context_length", context_length, 1),
             ("image_size", image_size, 1),
             ("mined_per_sample", mined_per_sample, 1),
+            ("caption_negatives", caption_negatives, 0),
         ]:
             if value is not None and value < minimum:
                 raise UsageError(f"data module: {name} is {value}; expected an integer >= {minimum}")
@@ -156,6 +169,11 @@ class RetrievalDataModule(L.LightningDataModule):
         self.context_length = context_length
         self.mined_negatives = mined_negatives
         self.mined_per_sample = mined_per_sample
+        self.caption_negatives = caption_negatives
+        self.perturbation_types = perturbation_types
+        self.word_classes = word_classes
+        if caption_negatives:
+            self._perturber_for(None)  # check the types and classes now: a bad one fails before training
         self._mined: MinedNegativeStore | None = None
         self.image_transform: Callable | None = None
         self.eval_image_transform: Callable | None = None
@@ -294,6 +312,8 @@ class RetrievalDataModule(L.LightningDataModule):
             seed=self.seed,
             shuffle_buffer=self.shuffle_buffer,
             mined=self._mined_store(sources),
+            perturber=self._perturber_for(sources) if self.caption_negatives else None,
+            caption_negatives=self.caption_negatives,
         )
         # Lightning warns that an IterableDataset's __len__ may be wrong with several workers; ours is exact by
         # construction (each worker yields its share of batches_per_rank), so that warning is noise here.
@@ -303,6 +323,18 @@ class RetrievalDataModule(L.LightningDataModule):
             loader.set_resume_position(*self._resume)
         self._loaders["train"].append(loader)
         return loader
+
+    def _perturber_for(self, sources: list[ShardSource] | None) -> CaptionPerturber:
+        """The caption perturber of the train data: word classes of its dataset.json files plus `word_classes`."""
+        declared: dict = {}
+        for source in sources or []:
+            declared.update((source.info or {}).get("word_classes") or {})
+        try:
+            return CaptionPerturber.for_dataset(
+                {"word_classes": declared}, self.word_classes, self.perturbation_types
+            )
+        except UsageError as err:
+            raise UsageError(f"data module: {err}") from None
 
     def _mined_store(self, sources: list[ShardSource]) -> MinedNegativeStore | None:
         if self.mined_negatives is None:

@@ -10,8 +10,9 @@ Split (stratified by class, seeded): train 1,297 / val 200 / test 300 images (ab
 val / test). Each image gets 2–4 captions drawn (seeded, per image) from `CAPTION_TEMPLATES`, e.g.
 "a photo of the digit seven", "a handwritten 7", "the number seven"; its `.cls` is the digit and its JSON
 holds `label`, `class_name` and `source_index` (the row in load_digits, also used as the `id`, so ids are
-unique across the three splits). dataset.json lists `class_names` ("zero" … "nine") and the zero-shot prompt
-`templates` ("a photo of the digit {}.", ...) that zero-shot evaluation fills with the class names.
+unique across the three splits). dataset.json lists `class_names` ("zero" … "nine"), the zero-shot prompt
+`templates` ("a photo of the digit {}.", ...) that zero-shot evaluation fills with the class names, and the
+captions' `word_classes` (digit words and numerals, for `mmret.data.perturb`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,11 @@ CAPTION_TEMPLATES = [
     "a low-resolution image of a handwritten {word}",
     "a grainy scan of the numeral {numeral}",
 ]
+# The captions' interchangeable words, for compositional negatives (`mmret.data.perturb`).
+WORD_CLASSES = {
+    "digit_word": {"role": "object", "words": CLASS_NAMES},
+    "numeral": {"role": "object", "words": [str(label) for label in range(10)]},
+}
 SPLIT_SIZES = {"train": 1297, "val": 200, "test": 300}
 SOURCE = "sklearn.datasets.load_digits (UCI optical recognition of handwritten digits, 1,797 8x8 scans)"
 
@@ -92,7 +98,13 @@ def build_splits(seed: int, image_size: int) -> dict[str, tuple[int, Iterator[So
                 metadata,
             )
 
-    info = {"class_names": CLASS_NAMES, "templates": TEMPLATES, "source": SOURCE, "split_sizes": SPLIT_SIZES}
+    info = {
+        "class_names": CLASS_NAMES,
+        "templates": TEMPLATES,
+        "source": SOURCE,
+        "split_sizes": SPLIT_SIZES,
+        "word_classes": WORD_CLASSES,
+    }
     return {
         split: (len(indices), samples(indices), {**info, "split": split})
         for split, indices in split_indices(labels, seed).items()

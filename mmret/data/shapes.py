@@ -45,14 +45,18 @@ Sizes (scenes: single / pair / triple):
   "parts"; 422 unseen / 578 seen for seed 0).
 Image JSON: `kind`, `relation`, `objects` ([{color, shape, size, x, y, r, rgb}] in caption order, pixel
 coordinates of the centre and half-extent in the stored image), `part`, `unseen_reasons`, `swap_group`,
-`swap_variant`, `description` (the first caption). Ids are unique across the three splits.
+`swap_variant`, `description` (the first caption). Ids are unique across the three splits. dataset.json
+also declares the captions' `word_classes` (colour, shape, size, relation phrases) for `mmret.data.perturb`.
+
+`mmret.data.digit_scenes` is the same design with real handwritten digit scans for shapes: it plans its
+scenes with this module's planner (`Vocabulary`, `plan_split`, `build_scene_splits`) and its own renderer.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -96,6 +100,57 @@ SPLIT_PLAN = {
     "test": {"singles": 104, "pair_groups": 200, "triple_groups": 32},
 }
 SOURCE = "mmret.data.shapes (procedurally rendered coloured shapes, see its docstring)"
+# The relation phrases of Scene.captions, by the word class dataset.json declares them in (`word_classes`).
+RELATION_WORD_CLASSES = {
+    "relation": ("left of", "to the right of", "above", "below"),
+    "side": ("on the left", "on the right"),
+    "vertical_side": ("at the top", "at the bottom"),
+    "direction": ("from left to right", "from right to left"),
+}
+
+
+@dataclass(frozen=True, eq=False)
+class Vocabulary:
+    """What a compositional scene dataset is made of: colours x object names, what it holds out, split sizes.
+
+    `shapes` uses SHAPES_VOCABULARY; `mmret.data.digit_scenes` plans its scenes with its own (digit words).
+    `reverse_orders_in_train`: train pairs showing the reverse of each held-out order, added before the
+    sampled ones so the order is the only new thing at test time (0: left to chance, as for shapes).
+    """
+
+    name: str
+    colors: tuple[str, ...]
+    objects: tuple[str, ...]
+    object_class: str  # the word class of the object names in dataset.json ("shape", "digit")
+    held_out_bindings: tuple[Binding, ...]
+    held_out_orders: tuple[tuple[Binding, str, Binding], ...]
+    split_plan: Mapping[str, Mapping[str, int]]
+    sizes: tuple[str, ...] = tuple(SINGLE_SIZES)
+    relations: tuple[str, ...] = RELATIONS
+    reverse_orders_in_train: int = 0
+
+    def word_classes(self) -> dict[str, dict]:
+        """The dataset.json `word_classes` of its captions (see `mmret.data.perturb`)."""
+        classes = {
+            "color": {"role": "attribute", "words": list(self.colors)},
+            self.object_class: {"role": "object", "words": list(self.objects)},
+            "size": {"role": "attribute", "words": list(self.sizes)},
+        }
+        relations = {
+            name: {"role": "relation", "words": list(w)} for name, w in RELATION_WORD_CLASSES.items()
+        }
+        return {**classes, **relations}
+
+    def held_out_info(self) -> dict[str, list[str]]:
+        return {
+            "bindings": [_name(b) for b in self.held_out_bindings],
+            "orders": [f"{_name(x)} {rel} {_name(y)}" for x, rel, y in self.held_out_orders],
+        }
+
+
+SHAPES_VOCABULARY = Vocabulary(
+    "shapes", tuple(COLORS), SHAPES, "shape", HELD_OUT_BINDINGS, HELD_OUT_ORDERS, SPLIT_PLAN
+)
 
 
 def _name(binding: Binding) -> str:
@@ -109,6 +164,7 @@ class Scene:
     objects: tuple[Binding, ...]
     relation: str | None = None
     size: str | None = None
+    vocabulary: Vocabulary = field(default=SHAPES_VOCABULARY, compare=False, repr=False)
 
     @property
     def kind(self) -> str:
@@ -137,14 +193,15 @@ class Scene:
 
     def unseen_reasons(self) -> list[str]:
         """Why the scene is a held-out composition (empty when it is seen)."""
-        reasons = [f"binding: {_name(b)}" for b in dict.fromkeys(self.objects) if b in HELD_OUT_BINDINGS]
+        held_bindings, held_orders = self.vocabulary.held_out_bindings, self.vocabulary.held_out_orders
+        reasons = [f"binding: {_name(b)}" for b in dict.fromkeys(self.objects) if b in held_bindings]
         ordered = [(self.objects[0], self.relation, self.objects[1])] if self.kind == "pair" else []
         if self.kind == "triple":  # a row holds every left-of order among its members
             ordered = [
                 (self.objects[i], "left of", self.objects[j]) for i in range(3) for j in range(i + 1, 3)
             ]
         reasons += [
-            f"order: {_name(x)} {rel} {_name(y)}" for x, rel, y in ordered if (x, rel, y) in HELD_OUT_ORDERS
+            f"order: {_name(x)} {rel} {_name(y)}" for x, rel, y in ordered if (x, rel, y) in held_orders
         ]
         return reasons
 
@@ -156,51 +213,64 @@ def _pick(rng: np.random.Generator, options) -> object:
     return options[int(rng.integers(len(options)))]
 
 
-def _seen_binding(rng: np.random.Generator) -> Binding:
+def _seen_binding(rng: np.random.Generator, vocabulary: Vocabulary) -> Binding:
     while True:
-        binding = (_pick(rng, list(COLORS)), _pick(rng, SHAPES))
-        if binding not in HELD_OUT_BINDINGS:
+        binding = (_pick(rng, vocabulary.colors), _pick(rng, vocabulary.objects))
+        if binding not in vocabulary.held_out_bindings:
             return binding
 
 
-def _distinct_attributes(rng: np.random.Generator, count: int) -> tuple[Binding, ...]:
-    """`count` bindings with all colours different and all shapes different (so swaps change the scene)."""
-    colors = rng.choice(list(COLORS), size=count, replace=False)
-    shapes = rng.choice(SHAPES, size=count, replace=False)
-    return tuple((str(c), str(s)) for c, s in zip(colors, shapes))
+def _distinct_attributes(rng: np.random.Generator, count: int, vocabulary: Vocabulary) -> tuple[Binding, ...]:
+    """`count` bindings with all colours different and all objects different (so swaps change the scene)."""
+    colors = rng.choice(vocabulary.colors, size=count, replace=False)
+    objects = rng.choice(vocabulary.objects, size=count, replace=False)
+    return tuple((str(c), str(s)) for c, s in zip(colors, objects))
 
 
-def pair_variants(first: Binding, second: Binding, relation: str) -> list[tuple[str, Scene]]:
+def pair_variants(
+    first: Binding, second: Binding, relation: str, vocabulary: Vocabulary = SHAPES_VOCABULARY
+) -> list[tuple[str, Scene]]:
     """A pair swap group: base, relation swap, binding swap and both, all with the same caption words."""
     (c1, s1), (c2, s2) = first, second
     return [
-        ("base", Scene((first, second), relation)),
-        ("relation_swap", Scene((second, first), relation)),
-        ("binding_swap", Scene(((c2, s1), (c1, s2)), relation)),
-        ("both_swaps", Scene(((c1, s2), (c2, s1)), relation)),
+        ("base", Scene((first, second), relation, vocabulary=vocabulary)),
+        ("relation_swap", Scene((second, first), relation, vocabulary=vocabulary)),
+        ("binding_swap", Scene(((c2, s1), (c1, s2)), relation, vocabulary=vocabulary)),
+        ("both_swaps", Scene(((c1, s2), (c2, s1)), relation, vocabulary=vocabulary)),
     ]
 
 
-def triple_variants(objects: tuple[Binding, ...]) -> list[tuple[str, Scene]]:
-    """A triple swap group: base, reversed row, colours rotated one shape along."""
-    colors, shapes = [c for c, _ in objects], [s for _, s in objects]
-    rotated = tuple(zip(colors[1:] + colors[:1], shapes))
+def triple_variants(
+    objects: tuple[Binding, ...], vocabulary: Vocabulary = SHAPES_VOCABULARY
+) -> list[tuple[str, Scene]]:
+    """A triple swap group: base, reversed row, colours rotated one object along."""
+    colors, names = [c for c, _ in objects], [s for _, s in objects]
+    rotated = tuple(zip(colors[1:] + colors[:1], names))
     return [
-        ("base", Scene(objects)),
-        ("order_swap", Scene(objects[::-1])),
-        ("binding_rotation", Scene(rotated)),
+        ("base", Scene(objects, vocabulary=vocabulary)),
+        ("order_swap", Scene(objects[::-1], vocabulary=vocabulary)),
+        ("binding_rotation", Scene(rotated, vocabulary=vocabulary)),
     ]
 
 
-def _train_scenes(rng: np.random.Generator, plan: dict) -> list[tuple[Scene, int | None, str | None]]:
+def _train_scenes(
+    rng: np.random.Generator, plan: Mapping[str, int], vocabulary: Vocabulary
+) -> list[tuple[Scene, int | None, str | None]]:
     scenes = [
-        Scene((_seen_binding(rng),), size=_pick(rng, list(SINGLE_SIZES))) for _ in range(plan["singles"])
+        Scene((_seen_binding(rng, vocabulary),), size=_pick(rng, vocabulary.sizes), vocabulary=vocabulary)
+        for _ in range(plan["singles"])
     ]
-    for kind, count in (("pairs", plan["pairs"]), ("triples", plan["triples"])):
+    reversed_orders = [
+        Scene((y, x), rel, vocabulary=vocabulary)
+        for x, rel, y in vocabulary.held_out_orders * vocabulary.reverse_orders_in_train
+    ]
+    scenes += reversed_orders
+    for kind, count in (("pairs", plan["pairs"] - len(reversed_orders)), ("triples", plan["triples"])):
         number = 2 if kind == "pairs" else 3
         while count:
-            objects = tuple(_seen_binding(rng) for _ in range(number))
-            scene = Scene(objects, _pick(rng, RELATIONS) if number == 2 else None)
+            objects = tuple(_seen_binding(rng, vocabulary) for _ in range(number))
+            relation = _pick(rng, vocabulary.relations) if number == 2 else None
+            scene = Scene(objects, relation, vocabulary=vocabulary)
             if len(set(objects)) == number and not scene.unseen_reasons():
                 scenes.append(scene)
                 count -= 1
@@ -208,13 +278,18 @@ def _train_scenes(rng: np.random.Generator, plan: dict) -> list[tuple[Scene, int
 
 
 def _grouped_scenes(
-    rng: np.random.Generator, plan: dict, with_unseen: bool
+    rng: np.random.Generator, plan: Mapping[str, int], with_unseen: bool, vocabulary: Vocabulary
 ) -> list[tuple[Scene, int | None, str | None]]:
     """Val (every member seen) or test (half the groups from an unseen base) scenes, grouped by swaps."""
+    held_bindings, held_orders = vocabulary.held_out_bindings, vocabulary.held_out_orders
     scenes: list[tuple[Scene, int | None, str | None]] = []
     for index in range(plan["singles"]):
-        binding = _pick(rng, HELD_OUT_BINDINGS) if with_unseen and index % 2 == 0 else _seen_binding(rng)
-        scenes.append((Scene((binding,), size=_pick(rng, list(SINGLE_SIZES))), None, None))
+        if with_unseen and index % 2 == 0:
+            binding = _pick(rng, held_bindings)
+        else:
+            binding = _seen_binding(rng, vocabulary)
+        scene = Scene((binding,), size=_pick(rng, vocabulary.sizes), vocabulary=vocabulary)
+        scenes.append((scene, None, None))
     group = 0
     for index in range(plan["pair_groups"]):
         mode = (
@@ -222,17 +297,18 @@ def _grouped_scenes(
         )
         while True:
             if mode == "held_out_order":
-                first, relation, second = _pick(rng, HELD_OUT_ORDERS)
+                first, relation, second = _pick(rng, held_orders)
             elif mode == "held_out_binding":
-                held = _pick(rng, HELD_OUT_BINDINGS)
-                other = (_pick(rng, list(COLORS)), _pick(rng, SHAPES))
+                held = _pick(rng, held_bindings)
+                other = (_pick(rng, vocabulary.colors), _pick(rng, vocabulary.objects))
                 if other[0] == held[0] or other[1] == held[1]:
                     continue
                 first, second = (held, other) if rng.integers(2) else (other, held)
-                relation = _pick(rng, RELATIONS)
+                relation = _pick(rng, vocabulary.relations)
             else:
-                (first, second), relation = _distinct_attributes(rng, 2), _pick(rng, RELATIONS)
-            variants = pair_variants(first, second, relation)
+                (first, second) = _distinct_attributes(rng, 2, vocabulary)
+                relation = _pick(rng, vocabulary.relations)
+            variants = pair_variants(first, second, relation, vocabulary)
             if mode == "seen" and variants[0][1].unseen_reasons():
                 continue
             if mode == "all_seen" and any(scene.unseen_reasons() for _, scene in variants):
@@ -242,7 +318,7 @@ def _grouped_scenes(
         group += 1
     for index in range(plan["triple_groups"]):
         while True:
-            variants = triple_variants(_distinct_attributes(rng, 3))
+            variants = triple_variants(_distinct_attributes(rng, 3, vocabulary), vocabulary)
             base_unseen = bool(variants[0][1].unseen_reasons())
             if with_unseen and base_unseen == (index % 2 == 0):
                 break
@@ -254,12 +330,15 @@ def _grouped_scenes(
     return [scenes[i] for i in order]
 
 
-def plan_split(split: str, seed: int) -> list[tuple[Scene, int | None, str | None]]:
+def plan_split(
+    split: str, seed: int, vocabulary: Vocabulary = SHAPES_VOCABULARY
+) -> list[tuple[Scene, int | None, str | None]]:
     """The (scene, swap group, swap variant) list of one split, deterministic in (seed, split)."""
-    rng = np.random.default_rng([seed, list(SPLIT_PLAN).index(split)])
+    plan = vocabulary.split_plan
+    rng = np.random.default_rng([seed, list(plan).index(split)])
     if split == "train":
-        return _train_scenes(rng, SPLIT_PLAN[split])
-    return _grouped_scenes(rng, SPLIT_PLAN[split], with_unseen=split == "test")
+        return _train_scenes(rng, plan[split], vocabulary)
+    return _grouped_scenes(rng, plan[split], with_unseen=split == "test", vocabulary=vocabulary)
 
 
 # -- drawing -------------------------------------------------------------------------------------------
@@ -327,49 +406,71 @@ def render(scene: Scene, image_size: int, rng: np.random.Generator) -> tuple[Ima
     return (image.reduce(scale) if scale > 1 else image), objects
 
 
+Renderer = Callable[[Scene, int, np.random.Generator], tuple[Image.Image, list[dict]]]
+
+
+def check_image_size(image_size: int, name: str) -> None:
+    if image_size < 16:
+        raise UsageError(f"--image-size {image_size} is too small for {name}; expected at least 16 pixels")
+
+
 def build_splits(seed: int, image_size: int) -> dict[str, tuple[int, Iterator[SourceSample], dict]]:
     """The three splits as (number of samples, lazily rendered samples, extra dataset.json fields)."""
-    if image_size < 16:
-        raise UsageError(f"--image-size {image_size} is too small for shapes; expected at least 16 pixels")
-    plans = {split: plan_split(split, seed) for split in SPLIT_PLAN}
+    check_image_size(image_size, "shapes")
+    vocabulary = {
+        "colors": {name: list(rgb) for name, rgb in COLORS.items()},
+        "shapes": list(SHAPES),
+        "sizes": list(SINGLE_SIZES),
+        "relations": ["left of", "right of", "above", "below"],
+    }
+    info = {"source": SOURCE, "vocabulary": vocabulary}
+    return build_scene_splits(
+        seed, image_size, SHAPES_VOCABULARY, info, {split: render for split in SPLIT_PLAN}
+    )
+
+
+def build_scene_splits(
+    seed: int, image_size: int, vocabulary: Vocabulary, info: dict, renderers: Mapping[str, Renderer]
+) -> dict[str, tuple[int, Iterator[SourceSample], dict]]:
+    """`build_splits` of a scene dataset: plans, dataset.json fields (`info` first) and a renderer per split."""
+    plans = {split: plan_split(split, seed, vocabulary) for split in vocabulary.split_plan}
     common = {
-        "source": SOURCE,
-        "vocabulary": {
-            "colors": {name: list(rgb) for name, rgb in COLORS.items()},
-            "shapes": list(SHAPES),
-            "sizes": list(SINGLE_SIZES),
-            "relations": ["left of", "right of", "above", "below"],
-        },
-        "held_out": {
-            "bindings": [_name(b) for b in HELD_OUT_BINDINGS],
-            "orders": [f"{_name(x)} {rel} {_name(y)}" for x, rel, y in HELD_OUT_ORDERS],
-        },
-        "split_plan": SPLIT_PLAN,
+        **info,
+        "held_out": vocabulary.held_out_info(),
+        "split_plan": vocabulary.split_plan,
+        "word_classes": vocabulary.word_classes(),
     }
     splits = {}
     first_id = 0
     for split, plan in plans.items():
         parts = Counter("unseen" if scene.unseen_reasons() else "seen" for scene, _, _ in plan)
-        info = {
+        split_info = {
             **common,
             "split": split,
             "parts": {"seen": parts["seen"], "unseen": parts["unseen"]},
             "scene_counts": dict(Counter(scene.kind for scene, _, _ in plan)),
             "num_swap_groups": len({group for _, group, _ in plan if group is not None}),
         }
-        splits[split] = (len(plan), render_split(plan, split, seed, image_size, first_id), info)
+        samples = render_split(plan, split, seed, image_size, first_id, vocabulary, renderers[split])
+        splits[split] = (len(plan), samples, split_info)
         first_id += len(plan)
     return splits
 
 
 def render_split(
-    plan: list[tuple[Scene, int | None, str | None]], split: str, seed: int, image_size: int, first_id: int
+    plan: list[tuple[Scene, int | None, str | None]],
+    split: str,
+    seed: int,
+    image_size: int,
+    first_id: int,
+    vocabulary: Vocabulary = SHAPES_VOCABULARY,
+    renderer: Renderer = render,
 ) -> Iterator[SourceSample]:
     """Render a split's planned scenes lazily, as samples with their metadata; ids start at `first_id`."""
-    split_index = list(SPLIT_PLAN).index(split)
+    split_index = list(vocabulary.split_plan).index(split)
     for index, (scene, group, variant) in enumerate(plan):
         # A generator per image: its jitter does not depend on how many draws earlier images took.
-        image, objects = render(scene, image_size, np.random.default_rng([seed, split_index, index]))
+        image, objects = renderer(scene, image_size, np.random.default_rng([seed, split_index, index]))
         reasons = scene.unseen_reasons()
         captions = scene.captions()
         metadata = {
@@ -383,4 +484,4 @@ def render_split(
             "swap_variant": variant,
             "description": captions[0],
         }
-        yield SourceSample(image, captions, f"shapes/{split}[{index}]", metadata=metadata)
+        yield SourceSample(image, captions, f"{vocabulary.name}/{split}[{index}]", metadata=metadata)

@@ -31,6 +31,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mmret.data.mined_negatives import MinedNegativeStore, collate_mined
+from mmret.data.perturb import CaptionPerturber, caption_key_rows, caption_keys_of, collate_perturbed
 from mmret.data.samples import (
     SKIPPED_KEY,
     SkipCounter,
@@ -130,6 +131,13 @@ class TrainStream(_StreamBase):
         image_transform: PIL RGB image -> tensor [3, H, W].
         tokenizer: list of B captions -> LongTensor [B, L] or a dict of tensors.
         mined: Offline hard negatives (`mmret mine`) to attach to every sample (see mmret.data.mined_negatives).
+        perturber: Makes `caption_negatives` compositional negatives of each sample's caption, on the fly
+            (mmret.data.perturb); the batch then carries the `perturbed_*` fields.
+        caption_negatives: Perturbed captions per sample (0: none).
+
+    Whenever a batch carries hard negatives it also carries `caption_keys` `[B, C]`, the keys of every caption
+    of each sample (and mined captions carry `mined_text_key`), so a loss can tell a negative that happens to
+    describe another image of the batch.
     """
 
     def __init__(
@@ -146,9 +154,17 @@ class TrainStream(_StreamBase):
         seed: int = 0,
         shuffle_buffer: int = 1000,
         mined: MinedNegativeStore | None = None,
+        perturber: CaptionPerturber | None = None,
+        caption_negatives: int = 0,
     ):
         super().__init__(sources, batch_size, rank, world_size, image_transform, tokenizer)
         self.mined = mined
+        if caption_negatives < 0 or (caption_negatives and perturber is None):
+            raise UsageError(
+                f"caption_negatives is {caption_negatives}; expected >= 0, with a perturber when > 0"
+            )
+        self.perturber = perturber if caption_negatives else None
+        self.caption_negatives = caption_negatives
         if weights is None:
             counts = [source.num_samples for source in self.sources]
             weights = counts if all(counts) else [len(source.shards) for source in self.sources]
@@ -248,10 +264,19 @@ class TrainStream(_StreamBase):
                 if sample is not None:
                     if self.mined is not None:
                         self.mined.attach(sample, rng, self.image_transform)
+                    if self.perturber is not None:
+                        sample["perturbed"] = self.perturber.sample(
+                            sample["caption"], sample["captions"], rng, self.caption_negatives
+                        )
                     samples.append(sample)
             batch = collate_samples(samples, self.tokenizer, with_eval_fields=False)
             if self.mined is not None:
                 batch.update(collate_mined(samples, self.tokenizer, self.mined.per_sample))
+                batch["mined_text_key"] = caption_keys_of(batch["mined_caption"])
+            if self.perturber is not None:
+                batch.update(collate_perturbed(samples, self.tokenizer, self.caption_negatives))
+            if self.mined is not None or self.perturber is not None:
+                batch["caption_keys"] = caption_key_rows([sample["captions"] for sample in samples])
             batch[SKIPPED_KEY] = counter.take_unreported()
             yield batch
 

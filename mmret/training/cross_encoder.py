@@ -22,7 +22,10 @@ negatives come from world_size × B candidates and the tokens are gathered with 
 encoder's embeddings. Offline negatives from `mmret mine` join them when the data module is given the mined
 file (`data.mined_negatives`, see mmret.data.mined_negatives): each sample brings k mined images and k mined captions
 from the whole training set — the swapped bindings and orders a batch of 64 rarely contains — scored as
-extra negatives of its caption and of its image. With unfrozen towers, `contrastive_weight` adds the dual
+extra negatives of its caption and of its image. Compositional perturbations of each caption
+(`data.caption_negatives`, mmret.data.perturb) are scored as extra negatives of its image in the same way, so
+the reranker still has hard lists to learn from when the first stage already ranks the batch right; the
+contrastive term below sees them too. With unfrozen towers, `contrastive_weight` adds the dual
 encoder's InfoNCE on the towers' pooled embeddings over the gathered batch (ALBEF's image-text contrastive
 term beside its matching loss), which keeps the towers' embedding space and lets them go on learning.
 
@@ -43,7 +46,7 @@ from torch import Tensor
 from mmret import distributed
 from mmret.errors import UsageError
 from mmret.evaluation.retrieval import EvalSetEmbedder, caption_hash, evaluation_metrics
-from mmret.losses import InfoNCELoss, ListwiseLoss, binary_cross_entropy_loss
+from mmret.losses import HardNegatives, InfoNCELoss, ListwiseLoss, binary_cross_entropy_loss
 from mmret.mining.in_batch import sample_hard_negatives
 from mmret.models import (
     create_model,
@@ -352,6 +355,7 @@ class CrossEncoder(LightningModule):
             scores, positives, valid = _append_negatives(scores, positives, valid, mined_scores, mined_valid)
         loss = self._loss(scores, positives, valid)
         self.log("train/loss_text_to_image", loss.detach(), batch_size=batch_size)
+        perturbed_emb = None
         if self.hparams.directions == "both":
 
             def image_to_text(columns: Tensor) -> Tensor:  # columns [B, C] text rows -> scores [B, C]
@@ -370,25 +374,44 @@ class CrossEncoder(LightningModule):
             scores_i, positives_i, valid_i = self._listwise_scores(
                 image_emb, sample_id, captions, all_text_emb, all_ids, all_captions, own_rows, image_to_text
             )
-            if "mined_text" in batch:
-                mined_valid = batch["mined_text_valid"]  # [B, k]
-                count = mined_valid.shape[1]
-                mined_text_emb, mined_states, mined_mask = self.encode_texts(
-                    batch["mined_text"]
-                )  # [B * k, L, Wt]
+            # Offline negatives of `mmret mine` and compositional perturbations of the caption
+            # (data.caption_negatives): each is scored with its own image only, beside the in-batch ones.
+            for field, valid_field in (
+                ("mined_text", "mined_text_valid"),
+                ("perturbed_text", "perturbed_valid"),
+            ):
+                if field not in batch:
+                    continue
+                extra_valid = batch[valid_field]  # [B, k]
+                count = extra_valid.shape[1]
+                extra_text_emb, extra_states, extra_mask = self.encode_texts(batch[field])  # [B * k, L, Wt]
+                if field == "perturbed_text":
+                    perturbed_emb = extra_text_emb
                 own_images = torch.arange(batch_size, device=patches.device).repeat_interleave(count)
-                mined_scores = self.score_tokens(
-                    mined_states, mined_mask, patches, own_images, mined_text_emb.detach(), image_emb.detach()
+                extra_scores = self.score_tokens(
+                    extra_states, extra_mask, patches, own_images, extra_text_emb.detach(), image_emb.detach()
                 ).view(batch_size, count)
                 scores_i, positives_i, valid_i = _append_negatives(
-                    scores_i, positives_i, valid_i, mined_scores, mined_valid
+                    scores_i, positives_i, valid_i, extra_scores, extra_valid
                 )
             loss_i = self._loss(scores_i, positives_i, valid_i)
             self.log("train/loss_image_to_text", loss_i.detach(), batch_size=batch_size)
             loss = (loss + loss_i) / 2
         if self.contrastive is not None:
             logit_scale = self.model.logit_scale.exp().clamp(max=100.0)
-            contrastive = self.contrastive(image_emb, text_emb, logit_scale, sample_ids=sample_id)
+            negatives = None
+            if (
+                perturbed_emb is not None
+            ):  # the towers' own InfoNCE sees the perturbations too (as the dual does)
+                negatives = HardNegatives(
+                    text=perturbed_emb.view(batch_size, -1, perturbed_emb.shape[-1]),
+                    text_valid=batch["perturbed_valid"].to(image_emb.device),
+                    text_keys=batch["perturbed_key"].to(image_emb.device),
+                    row_text_keys=batch["caption_keys"].to(image_emb.device),
+                )
+            contrastive = self.contrastive(
+                image_emb, text_emb, logit_scale, sample_ids=sample_id, negatives=negatives
+            )
             self.log("train/loss_contrastive", contrastive.detach(), batch_size=batch_size)
             loss = loss + self.hparams.contrastive_weight * contrastive
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)

@@ -10,6 +10,12 @@ Large batches: Lightning's `accumulate_grad_batches` averages per-micro-batch lo
 contrastive learning (each micro-batch would only see its own negatives), so it is rejected; set
 `gradcache_chunk_size` instead — the full batch's gradient, computed chunk by chunk (`mmret.training.gradcache`).
 
+Hard negatives: when the data module puts them in the batch — compositional perturbations of each caption
+(`data.caption_negatives`, mmret.data.perturb) and images/captions mined by `mmret mine`
+(`data.mined_negatives`) — they join the loss's denominators (`mmret.losses.HardNegatives`): text negatives
+against every image row, image negatives against every caption row, gathered from every rank, in the GradCache
+path too. Negatives that are another row's positive (same sample id, or a caption of that row's image) are masked.
+
 Validation embeds every val image and caption once (exact under DDP: gathered and deduplicated by sample id) and
 logs retrieval metrics (`val/image_retrieval_recall@1`, ...) and, where the data has classes, zero-shot accuracy.
 """
@@ -18,7 +24,8 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule
@@ -31,7 +38,7 @@ from mmret.evaluation.retrieval import (  # noqa: F401  (caption_hash, group_tex
     evaluation_metrics,
     group_text_queries,
 )
-from mmret.losses import InfoNCELoss, SigLIPLoss
+from mmret.losses import HardNegatives, InfoNCELoss, SigLIPLoss
 from mmret.models import (
     create_model,
     create_transforms,
@@ -46,6 +53,16 @@ from mmret.models import (
 from mmret.training.checkpoint_io import hyperparameters_for, read_checkpoint
 from mmret.training.gradcache import lightning_gradcache_backward
 from mmret.training.schedule import warmup_cosine
+
+
+@dataclass
+class _NegativeInput:
+    """One kind of hard negative in a batch: what to encode (`[B*k, ...]`), its `[B, k]` validity and keys/ids."""
+
+    kind: str  # "text" or "image"
+    data: Any
+    valid: torch.Tensor
+    keys: torch.Tensor
 
 
 class DualEncoder(LightningModule):
@@ -80,6 +97,8 @@ class DualEncoder(LightningModule):
             gradients (GradCache): the exact full-batch gradient at a fraction of the activation memory. None:
             one ordinary step.
         retrieval_ks: K values of Recall@K logged at validation.
+        hard_negatives: Use the hard negatives the batch carries (perturbed captions, mined images and
+            captions); False trains on in-batch negatives only, whatever the data module attaches.
     """
 
     def __init__(
@@ -108,6 +127,7 @@ class DualEncoder(LightningModule):
         compile: bool = False,
         gradcache_chunk_size: int | None = None,
         retrieval_ks: tuple[int, ...] = (1, 5, 10),
+        hard_negatives: bool = True,
     ) -> None:
         super().__init__()
         if loss not in ("infonce", "siglip"):
@@ -195,36 +215,112 @@ class DualEncoder(LightningModule):
             )
 
     # ---- training ----------------------------------------------------------------------------------------
-    def _loss(self, image_emb: torch.Tensor, text_emb: torch.Tensor, sample_id: torch.Tensor) -> torch.Tensor:
+    def _loss(
+        self,
+        image_emb: torch.Tensor,
+        text_emb: torch.Tensor,
+        sample_id: torch.Tensor,
+        negatives: HardNegatives | None = None,
+    ) -> torch.Tensor:
         logit_scale = self.model.logit_scale.exp()
         if self.hparams.loss == "siglip":
-            return self.loss_fn(image_emb, text_emb, logit_scale, self.model.logit_bias, sample_ids=sample_id)
-        return self.loss_fn(image_emb, text_emb, logit_scale, sample_ids=sample_id)
+            return self.loss_fn(
+                image_emb,
+                text_emb,
+                logit_scale,
+                self.model.logit_bias,
+                sample_ids=sample_id,
+                negatives=negatives,
+            )
+        return self.loss_fn(image_emb, text_emb, logit_scale, sample_ids=sample_id, negatives=negatives)
+
+    def hard_negative_inputs(self, batch: dict) -> list[_NegativeInput]:
+        """The hard negatives a batch carries, to encode: perturbed captions, mined captions, mined images."""
+        if not self.hparams.hard_negatives:
+            return []
+        inputs = []
+        if "perturbed_text" in batch:
+            inputs.append(
+                _NegativeInput(
+                    "text", batch["perturbed_text"], batch["perturbed_valid"], batch["perturbed_key"]
+                )
+            )
+        if "mined_text" in batch and "mined_text_key" in batch:
+            inputs.append(
+                _NegativeInput(
+                    "text", batch["mined_text"], batch["mined_text_valid"], batch["mined_text_key"]
+                )
+            )
+        if "mined_image" in batch:
+            images = batch["mined_image"]  # [B, k, 3, H, W]
+            inputs.append(
+                _NegativeInput(
+                    "image", images.flatten(0, 1), batch["mined_image_valid"], batch["mined_image_id"]
+                )
+            )
+        return [item for item in inputs if item.valid.shape[1] > 0]
+
+    def _negatives(
+        self, inputs: list[_NegativeInput], embeddings: list[torch.Tensor], batch: dict
+    ) -> HardNegatives | None:
+        """`HardNegatives` from the encoded inputs (`[B*k, D]` each, in the order of `inputs`)."""
+        if not inputs:
+            return None
+        parts: dict[str, list] = {"text": [], "image": []}
+        for item, emb in zip(inputs, embeddings):
+            rows, k = item.valid.shape
+            parts[item.kind].append((emb.reshape(rows, k, -1), item.valid, item.keys))
+        fields: dict = {}
+        for kind, found in parts.items():
+            if found:
+                fields[kind] = torch.cat([emb for emb, _, _ in found], dim=1)
+                fields[f"{kind}_valid"] = torch.cat([valid for _, valid, _ in found], dim=1).to(self.device)
+                fields[f"{kind}_keys" if kind == "text" else "image_ids"] = torch.cat(
+                    [keys for _, _, keys in found], dim=1
+                ).to(self.device)
+        if "caption_keys" in batch:
+            fields["row_text_keys"] = batch["caption_keys"].to(self.device)
+        return HardNegatives(**fields)
+
+    def _encoder_of(self, kind: str):
+        return self.encode_text if kind == "text" else self.encode_image
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         images, text, sample_id = batch["image"], batch["text"], batch["sample_id"]
+        negative_inputs = self.hard_negative_inputs(batch)
         if self.automatic_optimization:
-            loss = self._loss(self.encode_image(images), self.encode_text(text), sample_id)
+            embeddings = [self._encoder_of(item.kind)(item.data) for item in negative_inputs]
+            negatives = self._negatives(negative_inputs, embeddings, batch)
+            loss = self._loss(self.encode_image(images), self.encode_text(text), sample_id, negatives)
         else:
-            loss = self._gradcache_step(images, text, sample_id)
+            loss = self._gradcache_step(images, text, sample_id, negative_inputs, batch)
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=images.shape[0])
         self.log("train/logit_scale", self.model.logit_scale.detach().exp(), batch_size=images.shape[0])
         if self.hparams.loss == "siglip":
             self.log("train/logit_bias", self.model.logit_bias.detach(), batch_size=images.shape[0])
         return loss
 
-    def _gradcache_step(self, images: torch.Tensor, text, sample_id: torch.Tensor) -> torch.Tensor:
+    def _gradcache_step(
+        self, images: torch.Tensor, text, sample_id: torch.Tensor, negative_inputs: list, batch: dict
+    ) -> torch.Tensor:
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
         optimizer.zero_grad(set_to_none=True)
+
+        def loss_fn(image_emb, text_emb, *negative_embs):
+            return self._loss(
+                image_emb, text_emb, sample_id, self._negatives(negative_inputs, list(negative_embs), batch)
+            )
+
         output = lightning_gradcache_backward(
             self,
             self.encode_image,
             self.encode_text,
             images,
             text,
-            lambda image_emb, text_emb: self._loss(image_emb, text_emb, sample_id),
+            loss_fn,
             chunk_size=self.hparams.gradcache_chunk_size,
+            extra_inputs=[(self._encoder_of(item.kind), item.data) for item in negative_inputs],
         )
         loss = output.loss
         self.clip_gradients(optimizer, self.trainer.gradient_clip_val, self.trainer.gradient_clip_algorithm)

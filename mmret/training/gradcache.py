@@ -37,7 +37,7 @@ and Lightning `ddp_spawn` runs are marked `ddp`; the CUDA RNG replay test is mar
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,10 +140,11 @@ def gradcache_backward(
     encode_text: Encoder,
     images: Batch,
     texts: Batch,
-    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    loss_fn: Callable[..., Tensor],
     chunk_size: int,
     no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
     backward: Callable[[Tensor], None] | None = None,
+    extra_inputs: Sequence[tuple[Encoder, Batch]] = (),
 ) -> GradCacheOutput:
     """Accumulate into `.grad` the exact gradient of `loss_fn` over the full batch, one chunk at a time.
 
@@ -162,6 +163,10 @@ def gradcache_backward(
             runs inside it; None runs every chunk normally (single process).
         backward: called on each chunk's surrogate scalar; default `Tensor.backward`. Lightning passes
             `module.manual_backward` so the precision plugin's loss scaling and DDP's prepare-for-backward apply.
+        extra_inputs: further (encoder, batch) pairs whose `[M, D]` embeddings the loss also reads, e.g. hard
+            negatives (mined images, perturbed captions); `loss_fn` then takes them after the two main ones,
+            in this order. They are cached and re-encoded chunk by chunk like the main inputs, before them, so
+            the last (synchronised) backward is still a main chunk through both towers.
 
     Returns:
         the detached loss and embeddings, see `GradCacheOutput`.
@@ -174,9 +179,17 @@ def gradcache_backward(
     image_chunks, text_chunks = split_batch(images, chunk_size), split_batch(texts, chunk_size)
     cuda_devices = _cuda_devices(images, texts)
 
+    extra_chunks = [(encoder, split_batch(batch, chunk_size)) for encoder, batch in extra_inputs]
+
     # 1. Embed without a graph, remembering each chunk's RNG state.
     random_states, image_parts, text_parts = [], [], []
+    extra_states: list[list[_RandomState]] = [[] for _ in extra_chunks]
+    extra_parts: list[list[Tensor]] = [[] for _ in extra_chunks]
     with torch.no_grad():
+        for index, (encoder, chunks) in enumerate(extra_chunks):
+            for chunk in chunks:
+                extra_states[index].append(_RandomState(cuda_devices))
+                extra_parts[index].append(encoder(chunk))
         for image_chunk, text_chunk in zip(image_chunks, text_chunks):
             random_states.append(_RandomState(cuda_devices))
             image_parts.append(encode_image(image_chunk))
@@ -186,16 +199,27 @@ def gradcache_backward(
     # 2. Loss on leaf embeddings. autograd.grad (not .backward) so that nothing lands in .grad yet: under DDP
     # every parameter gradient has to arrive inside the one synchronised backward of the last chunk.
     image_emb, text_emb = _as_loss_input(image_parts), _as_loss_input(text_parts)  # [B, D] leaves
-    loss = loss_fn(image_emb, text_emb)
-    loss_params = _loss_parameters(loss, exclude=[image_emb, text_emb])
-    grads = torch.autograd.grad(loss, [image_emb, text_emb, *loss_params], allow_unused=True)
+    extra_embs = [_as_loss_input(parts) for parts in extra_parts]  # [M, D] leaves
+    leaves = [image_emb, text_emb, *extra_embs]
+    loss = loss_fn(*leaves)
+    loss_params = _loss_parameters(loss, exclude=leaves)
+    grads = torch.autograd.grad(loss, [*leaves, *loss_params], allow_unused=True)
     if grads[0] is None or grads[1] is None:
         raise ValueError("loss_fn must depend on both the image and the text embeddings it is given")
     image_grads = grads[0].split(chunk_size)  # [b, D] per chunk
     text_grads = grads[1].split(chunk_size)
-    loss_param_grads = [(p, g) for p, g in zip(loss_params, grads[2:]) if g is not None]
+    extra_grads = grads[2 : len(leaves)]
+    loss_param_grads = [(p, g) for p, g in zip(loss_params, grads[len(leaves) :]) if g is not None]
 
     # 3./4. Re-encode with a graph; d loss/d params = sum over chunks of (d emb_chunk/d params)^T cached_grad.
+    # The extra inputs first, every one inside no_sync; an unused one (zero gradient) is skipped.
+    for index, (encoder, chunks) in enumerate(extra_chunks):
+        if extra_grads[index] is None:
+            continue
+        for chunk, state, grad in zip(chunks, extra_states[index], extra_grads[index].split(chunk_size)):
+            with contextlib.nullcontext() if no_sync is None else no_sync():
+                state.restore()
+                backward((encoder(chunk).to(grad.dtype) * grad).sum())
     last = len(image_chunks) - 1
     for index, (image_chunk, text_chunk) in enumerate(zip(image_chunks, text_chunks)):
         sync_context = contextlib.nullcontext() if no_sync is None or index == last else no_sync()
@@ -238,8 +262,9 @@ def lightning_gradcache_backward(
     encode_text: Encoder,
     images: Batch,
     texts: Batch,
-    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    loss_fn: Callable[..., Tensor],
     chunk_size: int,
+    extra_inputs: Sequence[tuple[Encoder, Batch]] = (),
 ) -> GradCacheOutput:
     """`gradcache_backward` from inside a LightningModule's `training_step` under manual optimisation.
 
@@ -267,4 +292,5 @@ def lightning_gradcache_backward(
         chunk_size,
         no_sync=lightning_no_sync(module),
         backward=module.manual_backward,
+        extra_inputs=extra_inputs,
     )
