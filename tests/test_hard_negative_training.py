@@ -144,3 +144,62 @@ def test_cross_encoder_scores_perturbed_captions_as_image_negatives():
     # The image->text listwise loss has two more (hard) negatives per image: it changes.
     assert logged_with["train/loss_image_to_text"] != pytest.approx(logged["train/loss_image_to_text"])
     assert torch.isfinite(with_perturbed)
+
+
+def _composition_shards(directory, held_out=("blue", "circle")):
+    """Two-object captions over every binding of WORD_CLASSES but `held_out`, which no caption shows."""
+    import io
+    import itertools
+    import json
+
+    import webdataset as wds
+    from PIL import Image
+
+    objects = [o for o in itertools.product(["red", "green", "blue"], ["circle", "square"]) if o != held_out]
+    captions = [f"a {a[0]} {a[1]} left of a {b[0]} {b[1]}" for a, b in itertools.permutations(objects, 2)]
+    directory.mkdir(parents=True)
+    with wds.TarWriter(str(directory / "00000.tar")) as writer:
+        for index, caption in enumerate(captions):
+            buffer = io.BytesIO()
+            Image.new("RGB", (16, 16), (index * 9 % 256, 80, 160)).save(buffer, format="JPEG")
+            writer.write({"__key__": f"{index:06d}", "jpg": buffer.getvalue(), "txt": caption,
+                          "json": json.dumps({"id": index, "captions": [caption]})})  # fmt: skip
+    info = {"name": "compositions", "num_samples": len(captions), "shards": ["00000.tar"],
+            "shard_sizes": [len(captions)], "skipped": {}, "word_classes": WORD_CLASSES}  # fmt: skip
+    (directory / "dataset.json").write_text(json.dumps(info))
+    return directory, captions
+
+
+@pytest.mark.parametrize("known_only", [False, True])
+def test_known_only_negatives_are_earlier_training_captions(tmp_path, known_only):
+    directory, captions = _composition_shards(tmp_path / "c")
+    data = RetrievalDataModule(train=str(directory), batch_size=5, num_workers=0, caption_negatives=3,
+                               image_size=16, shuffle_buffer=4, negatives_known_only=known_only)  # fmt: skip
+    data.setup("fit")
+    seen: set[str] = set()
+    made, held_out = 0, 0
+    for batch in data.train_dataloader():
+        seen |= {normalize(c) for c in batch["caption"]}
+        for row, valid in zip(batch["perturbed_caption"], batch["perturbed_valid"]):
+            for text, ok in zip(row, valid):
+                if ok:
+                    made += 1
+                    held_out += "blue circle" in text
+                    if known_only:
+                        assert normalize(text) in seen, text  # a caption of this batch or an earlier one
+    assert made > 0
+    # unfiltered, swaps and replacements make the composition the training data never shows
+    assert (held_out == 0) if known_only else (held_out > 0)
+
+
+def test_sample_with_known_keeps_only_known_captions():
+    perturber = CaptionPerturber(WORD_CLASSES)
+    caption = "a red circle left of a green square"
+    known = {
+        normalize("a green circle left of a red square"),
+        normalize("a green square left of a red circle"),
+    }
+    rng = np.random.default_rng(0)
+    out = perturber.sample(caption, [caption], rng, 4, known)
+    assert {normalize(p.text) for p in out} == known
+    assert perturber.sample(caption, [caption], rng, 4, set()) == []

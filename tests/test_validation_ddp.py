@@ -58,9 +58,9 @@ def validate(model: L.LightningModule, val_dir: Path, devices: int, out_dir: Pat
 @pytest.mark.slow
 def test_two_rank_validation_metrics_equal_single_process(digits_root, tmp_path):
     torch.manual_seed(0)
-    model = DualEncoder(
-        model="test-vit-micro"
-    )  # the same initial weights go to every rank (pickled by spawn)
+    # the same initial weights go to every rank (pickled by spawn); the compositional pairs are built from the
+    # captions and metadata every rank gathered
+    model = DualEncoder(model="test-vit-micro", compositional_val=True)
     [single] = validate(model, digits_root / "val", 1, tmp_path / "single")
     ranks = validate(model, digits_root / "val", 2, tmp_path / "ddp")
 
@@ -75,6 +75,7 @@ def test_two_rank_validation_metrics_equal_single_process(digits_root, tmp_path)
         expected["val/num_images"] == 200
         and "val/acc1" in expected
         and "val/image_retrieval_recall@1" in expected
+        and "val/compositional_text_acc" in expected
     )
     for record in ranks:
         assert set(record["metrics"]) == set(expected)

@@ -3,9 +3,13 @@
     mmret eval --model runs/digits_clip/last.ckpt --data data/digits --output results/digits.json
     mmret eval --model CKPT --data data/shapes/test --task retrieval --device cuda --batch-size 256 --output r.json
     mmret eval --model CKPT --reranker RERANKER_CKPT --top-k 10 --data data/shapes --output reranked.json
+    mmret eval --task compositional --model CKPT --data data/shapes [--reranker CKPT] --output comp.json
+    mmret eval --task compositional --model CKPT --benchmark swap_att.json --image-root val2017 --output s.json
 
 What is computed and written (the results JSON, `_examples.png`, `_recall.png`) is `mmret.evaluation.results`;
-this module reads the arguments, loads the checkpoints and prints the headline numbers.
+for `--task compositional` (caption perturbations and twin images, or SugarCrepe / ARO files; the JSON and
+`_compositional.png`) it is `mmret.evaluation.compositional`. This module reads the arguments, loads the
+checkpoints and prints the headline numbers.
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="a dual-encoder .ckpt written by `mmret fit`")
     parser.add_argument(
         "--data",
-        required=True,
-        help="a shard directory, or a dataset root holding train/val/test (see --split)",
+        default=None,
+        help="a shard directory, or a dataset root holding train/val/test (see --split); required unless "
+        "--task compositional --benchmark FILE",
     )
     parser.add_argument(
         "--output", required=True, help="results JSON to write (replaced if it exists); PNGs go beside it"
@@ -34,7 +39,21 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         choices=TASKS,
         default="auto",
         help="retrieval: image<->text metrics; zeroshot: also classification accuracy (needs class_names in "
-        "dataset.json); auto: zeroshot when the data has classes (default)",
+        "dataset.json); auto: zeroshot when the data has classes (default); compositional: accuracy of the "
+        "true caption over perturbed ones and of the own image over its swap-group twins (SugarCrepe-style)",
+    )
+    parser.add_argument(
+        "--benchmark",
+        nargs="+",
+        default=None,
+        metavar="FILE",
+        help="with --task compositional, instead of --data: SugarCrepe JSON files ({id: {filename, caption, "
+        "negative_caption}}) or ARO ones ([{image_path, true_caption, false_caption}]), one type per file",
+    )
+    parser.add_argument(
+        "--image-root",
+        default=None,
+        help="folder of the --benchmark files' relative image paths (default: each file's folder)",
     )
     parser.add_argument(
         "--split", choices=SPLITS, default="test", help="split of a dataset root (default: test)"
@@ -74,6 +93,9 @@ def run(args: argparse.Namespace) -> int:
 
     output = check_output_file(args.output, expected="a results .json file")
     check_numbers(args)
+    check_inputs(args)
+    if args.task == "compositional":
+        return run_compositional(args, output)
     data_path = resolve_data_path(args.data, args.split)
     device = resolve_device(args.device)
     if args.wandb_summary:
@@ -99,9 +121,46 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_compositional(args: argparse.Namespace, output: Path) -> int:
+    """`mmret eval --task compositional`: on a shard set (`--data`) or on benchmark files (`--benchmark`)."""
+    from mmret.evaluation.compositional import evaluate_compositional
+    from mmret.evaluation.compositional_benchmarks import evaluate_benchmark, read_benchmarks
+    from mmret.evaluation.results import EvalOptions, open_eval_data
+    from mmret.evaluation.shard_set import resolve_data_path, resolve_device
+    from mmret.training import CrossEncoder, DualEncoder
+
+    device = resolve_device(args.device)
+    if args.benchmark:
+        triples = read_benchmarks(args.benchmark, args.image_root)  # every file and image checked first
+    else:
+        data_path = resolve_data_path(args.data, args.split)
+        eval_data = open_eval_data(data_path, args.task, args.batch_size, args.num_workers)
+    module = DualEncoder.from_checkpoint(args.model, device)  # UsageError for any other checkpoint
+    reranker = CrossEncoder.from_checkpoint(args.reranker, device) if args.reranker is not None else None
+    options = EvalOptions(
+        model=args.model, output=str(output), task=args.task, split=args.split, batch_size=args.batch_size,
+        device=str(device), num_workers=args.num_workers, reranker=args.reranker,
+    )  # fmt: skip
+    if args.benchmark:
+        results = evaluate_benchmark(module, args.benchmark, options, args.image_root, reranker, triples)
+    else:
+        results = evaluate_compositional(module, eval_data, options, reranker=reranker)
+    print(summary_line(results))
+    print(f"wrote {output}, {', '.join(results['pictures'])}")
+    return 0
+
+
 def summary_line(results: dict) -> str:
     """`retrieval: N images, M texts: image_retrieval_recall@1=..., ...` (and the reranked R@1)."""
     metrics, reranked, top_k = results["metrics"], results.get("reranked_metrics"), results.get("top_k")
+    if results["task"] == "compositional":
+        shown = ("compositional_text_acc", "compositional_image_acc")
+        summary = ", ".join(f"{key}={metrics[key]:.4f}" for key in shown if key in metrics)
+        if reranked is not None:
+            summary += "; reranked: " + ", ".join(
+                f"{key}={reranked[key]:.4f}" for key in shown if key in reranked
+            )
+        return f"compositional: {results['num_images']} images, {results['num_texts']} texts: {summary}"
     shown = [key for key in ("image_retrieval_recall@1", "text_retrieval_recall@1", "acc1") if key in metrics]
     summary = ", ".join(f"{key}={metrics[key]:.4f}" for key in shown)
     if reranked is not None:
@@ -111,6 +170,24 @@ def summary_line(results: dict) -> str:
             f" (ceiling {ceiling[f'image_retrieval_recall@{top_k}']:.4f})"
         )
     return f"{results['task']}: {results['num_images']} images, {results['num_texts']} texts: {summary}"
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """--data, or --benchmark with --task compositional: exactly one of them."""
+    benchmark = getattr(args, "benchmark", None)
+    if benchmark and args.task != "compositional":
+        raise UsageError(f"--benchmark needs --task compositional (the task is {args.task}); expected "
+                         "--task compositional --benchmark FILE")  # fmt: skip
+    if benchmark and args.data is not None:
+        raise UsageError("--data and --benchmark are both given; expected one of them (the shard set, or "
+                         "SugarCrepe / ARO files)")  # fmt: skip
+    if getattr(args, "image_root", None) is not None and not benchmark:
+        raise UsageError("--image-root is only read with --benchmark FILE; expected --benchmark too")
+    if not benchmark and args.data is None:
+        raise UsageError("--data is required (a shard directory or dataset root); or, with --task "
+                         "compositional, --benchmark FILE")  # fmt: skip
+    if args.task == "compositional" and getattr(args, "wandb_summary", False):
+        raise UsageError("--wandb-summary is not available with --task compositional; expected it without")
 
 
 def check_numbers(args: argparse.Namespace) -> None:

@@ -104,6 +104,9 @@ class RetrievalDataModule(L.LightningDataModule):
             reranker scores them as image->text negatives. 0: none.
         perturbation_types: The strategies to draw from (names in mmret.data.perturb.PERTURBATION_TYPES);
             default: every one that applies to a caption.
+        negatives_known_only: Draw only caption negatives that are themselves captions of training samples seen
+            earlier in the epoch's stream, so no negative shows a composition the training data never does (for
+            held-out-composition tests such as shapes' unseen part; see mmret.data.perturb).
         word_classes: Word classes for the targeted strategies, `{name: {role, words}}` with role attribute,
             object or relation; added to (and overriding) the `word_classes` of the train data's dataset.json.
     """
@@ -129,6 +132,7 @@ class RetrievalDataModule(L.LightningDataModule):
         caption_negatives: int = 0,
         perturbation_types: list[str] | None = None,
         word_classes: dict | None = None,
+        negatives_known_only: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -172,6 +176,7 @@ class RetrievalDataModule(L.LightningDataModule):
         self.caption_negatives = caption_negatives
         self.perturbation_types = perturbation_types
         self.word_classes = word_classes
+        self.negatives_known_only = negatives_known_only
         if caption_negatives:
             self._perturber_for(None)  # check the types and classes now: a bad one fails before training
         self._mined: MinedNegativeStore | None = None
@@ -314,6 +319,7 @@ class RetrievalDataModule(L.LightningDataModule):
             mined=self._mined_store(sources),
             perturber=self._perturber_for(sources) if self.caption_negatives else None,
             caption_negatives=self.caption_negatives,
+            negatives_known_only=self.negatives_known_only,
         )
         # Lightning warns that an IterableDataset's __len__ may be wrong with several workers; ours is exact by
         # construction (each worker yields its share of batches_per_rank), so that warning is noise here.

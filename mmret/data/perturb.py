@@ -36,13 +36,20 @@ Every candidate is a real negative only if it does not describe the image: a per
 itself, nor any other caption of the same image (`positives`), compared case- and space-insensitively. When the
 captions of an image are all its paraphrases (shapes and the digit scenes list every one), that is exact; for
 free-form captions it is the usual NegCLIP approximation.
+
+Known-only negatives (`sample(..., known=...)`, the data module's `negatives_known_only`): a perturbation of a
+training caption can be a composition the training data never shows (swapping the colours of "a yellow square
+left of a blue circle" makes a "yellow circle"). As a negative it teaches that such a composition is never a
+positive, which is exactly what a model must not learn when held-out compositions are to be recognised at test
+time. With `known` (the normalized captions seen so far) only perturbations that are themselves captions of
+other training samples are drawn: hard negatives that stay inside the training distribution.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +62,9 @@ ROLES = ("attribute", "object", "relation")
 GENERIC_TYPES = ("swap_around_relation", "swap_words", "shuffle")
 TARGETED_TYPES = ("swap_attribute", "swap_object", "replace_attribute", "replace_object", "replace_relation")
 PERTURBATION_TYPES = TARGETED_TYPES + GENERIC_TYPES
+# Drawn first by `sample`: the confusers that keep every word and its role (binding, order, a word of the same
+# class), which counting words cannot tell apart; then the bag-of-words ones.
+STRUCTURED_TYPES = TARGETED_TYPES + ("swap_around_relation",)
 # Relation phrases looked for when the data declares none (longest first when matching).
 GENERIC_RELATIONS = (
     "to the left of",
@@ -254,16 +264,21 @@ class CaptionPerturber:
             f"unknown perturbation type {kind!r}; expected one of {', '.join(PERTURBATION_TYPES)}"
         )
 
-    def _draw(self, caption: str, kind: str, rng: np.random.Generator) -> str | None:
+    def _draw(
+        self, caption: str, kind: str, rng: np.random.Generator, known: Container[str] | None = None
+    ) -> str | None:
         if kind != "shuffle":
             options = self.candidates(caption, kind)
+            if known is not None:
+                options = [option for option in options if normalize(option) in known]
             return options[int(rng.integers(len(options)))] if options else None
         text = " ".join(caption.split())
         spans = _content_words(text)
         if len({word.lower() for _, _, word in spans}) < 2:
             return None
         order = rng.permutation(len(spans))
-        return _replace_spans(text, [(s, e, spans[int(o)][2]) for (s, e, _), o in zip(spans, order)])
+        shuffled = _replace_spans(text, [(s, e, spans[int(o)][2]) for (s, e, _), o in zip(spans, order)])
+        return shuffled if known is None or normalize(shuffled) in known else None
 
     # ---- what training and evaluation call ----------------------------------------------------------------
     def applicable_types(self, caption: str) -> list[str]:
@@ -271,16 +286,23 @@ class CaptionPerturber:
         return [kind for kind in self.types if kind == "shuffle" or self.candidates(caption, kind)]
 
     def sample(
-        self, caption: str, positives: Iterable[str], rng: np.random.Generator, k: int
+        self,
+        caption: str,
+        positives: Iterable[str],
+        rng: np.random.Generator,
+        k: int,
+        known: Container[str] | None = None,
     ) -> list[Perturbation]:
         """Up to `k` distinct negatives of `caption`, each of a strategy drawn at random among those that apply.
 
-        Targeted strategies, when the data declares word classes, are drawn before generic ones: they make the
-        confusers a bag-of-words model cannot tell apart. Never returns the caption or any of `positives`.
+        The structured strategies (`STRUCTURED_TYPES`: the targeted ones, when the data declares word classes,
+        and `swap_around_relation`) are drawn before `swap_words` and `shuffle`: they make the confusers a
+        bag-of-words model cannot tell apart. Never returns the caption or any of `positives`.
+        With `known` (normalized captions, see `normalize`), only negatives in it are returned.
         """
         excluded = {normalize(p) for p in positives} | {normalize(caption)}
-        targeted = [t for t in self.types if t in TARGETED_TYPES]
-        generic = [t for t in self.types if t in GENERIC_TYPES]
+        targeted = [t for t in self.types if t in STRUCTURED_TYPES]
+        generic = [t for t in self.types if t not in STRUCTURED_TYPES]
         out: list[Perturbation] = []
         for group in (targeted, generic):
             kinds = [group[int(i)] for i in rng.permutation(len(group))]
@@ -288,7 +310,7 @@ class CaptionPerturber:
                 for kind in kinds:
                     if len(out) == k:
                         return out
-                    text = self._draw(caption, kind, rng)
+                    text = self._draw(caption, kind, rng, known)
                     if text is not None and normalize(text) not in excluded:
                         excluded.add(normalize(text))
                         out.append(Perturbation(text, kind))

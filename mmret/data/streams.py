@@ -31,7 +31,13 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mmret.data.mined_negatives import MinedNegativeStore, collate_mined
-from mmret.data.perturb import CaptionPerturber, caption_key_rows, caption_keys_of, collate_perturbed
+from mmret.data.perturb import (
+    CaptionPerturber,
+    caption_key_rows,
+    caption_keys_of,
+    collate_perturbed,
+    normalize,
+)
 from mmret.data.samples import (
     SKIPPED_KEY,
     SkipCounter,
@@ -134,6 +140,8 @@ class TrainStream(_StreamBase):
         perturber: Makes `caption_negatives` compositional negatives of each sample's caption, on the fly
             (mmret.data.perturb); the batch then carries the `perturbed_*` fields.
         caption_negatives: Perturbed captions per sample (0: none).
+        negatives_known_only: Draw only perturbations that are captions of samples this worker has already
+            prepared in the epoch (the current batch included); see mmret.data.perturb, "Known-only negatives".
 
     Whenever a batch carries hard negatives it also carries `caption_keys` `[B, C]`, the keys of every caption
     of each sample (and mined captions carry `mined_text_key`), so a loss can tell a negative that happens to
@@ -156,8 +164,10 @@ class TrainStream(_StreamBase):
         mined: MinedNegativeStore | None = None,
         perturber: CaptionPerturber | None = None,
         caption_negatives: int = 0,
+        negatives_known_only: bool = False,
     ):
         super().__init__(sources, batch_size, rank, world_size, image_transform, tokenizer)
+        self.negatives_known_only = negatives_known_only
         self.mined = mined
         if caption_negatives < 0 or (caption_negatives and perturber is None):
             raise UsageError(
@@ -257,6 +267,9 @@ class TrainStream(_StreamBase):
         raw_stream = self._mixed(rng, counter)
         if self.shuffle_buffer > 1:
             raw_stream = self._shuffled(raw_stream, rng)
+        # Normalized captions of every sample prepared so far (known-only negatives): the stream is a pure
+        # function of (epoch, worker, position), so this set is too.
+        known: set[str] | None = set() if self.negatives_known_only and self.perturber is not None else None
         for _ in range(num_batches):
             samples: list[dict] = []
             while len(samples) < self.batch_size:
@@ -264,11 +277,14 @@ class TrainStream(_StreamBase):
                 if sample is not None:
                     if self.mined is not None:
                         self.mined.attach(sample, rng, self.image_transform)
-                    if self.perturber is not None:
-                        sample["perturbed"] = self.perturber.sample(
-                            sample["caption"], sample["captions"], rng, self.caption_negatives
-                        )
                     samples.append(sample)
+            if self.perturber is not None:
+                if known is not None:
+                    known.update(normalize(c) for sample in samples for c in sample["captions"])
+                for sample in samples:
+                    sample["perturbed"] = self.perturber.sample(
+                        sample["caption"], sample["captions"], rng, self.caption_negatives, known
+                    )
             batch = collate_samples(samples, self.tokenizer, with_eval_fields=False)
             if self.mined is not None:
                 batch.update(collate_mined(samples, self.tokenizer, self.mined.per_sample))

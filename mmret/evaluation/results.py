@@ -40,7 +40,7 @@ from mmret.errors import UsageError
 from mmret.evaluation.shard_set import check_has_captions, embed_data, read_images
 from mmret.io import write_json_atomic
 
-TASKS = ("auto", "retrieval", "zeroshot")
+TASKS = ("auto", "retrieval", "zeroshot", "compositional")
 DEFAULT_TEMPLATES = ["a photo of a {}."]
 RECALL_CURVE_MAX_K = 50
 

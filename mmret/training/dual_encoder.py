@@ -99,6 +99,9 @@ class DualEncoder(LightningModule):
         retrieval_ks: K values of Recall@K logged at validation.
         hard_negatives: Use the hard negatives the batch carries (perturbed captions, mined images and
             captions); False trains on in-batch negatives only, whatever the data module attaches.
+        compositional_val: Also log the compositional accuracies of the validation set at each validation
+            (`val/compositional_text_acc[/<type>][/seen|/unseen]`, `val/compositional_image_acc...`; see
+            mmret.evaluation.compositional), with the word classes of the val data's dataset.json.
     """
 
     def __init__(
@@ -128,6 +131,7 @@ class DualEncoder(LightningModule):
         gradcache_chunk_size: int | None = None,
         retrieval_ks: tuple[int, ...] = (1, 5, 10),
         hard_negatives: bool = True,
+        compositional_val: bool = False,
     ) -> None:
         super().__init__()
         if loss not in ("infonce", "siglip"):
@@ -396,9 +400,15 @@ class DualEncoder(LightningModule):
     # captions at the end, gathered from every rank and deduplicated by id, so DDP gives the 1-process result.
     def on_validation_epoch_start(self) -> None:
         self._val_embedder = EvalSetEmbedder(self.encode_image, self.encode_texts, device=self.device)
+        self._val_records: dict[int, tuple[list[str], dict]] = {}
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._val_embedder.add_batch(batch)
+        if self.hparams.get("compositional_val"):
+            for sample_id, captions, metadata in zip(
+                batch["sample_id"].tolist(), batch["captions"], batch["metadata"]
+            ):
+                self._val_records[int(sample_id)] = (list(captions), dict(metadata or {}))
 
     def on_validation_epoch_end(self) -> None:
         eval_set = self._val_embedder.finish()  # collective: every rank gets here, with or without batches
@@ -412,8 +422,29 @@ class DualEncoder(LightningModule):
             with torch.no_grad():
                 classifier = build_zeroshot_classifier(self.encode_texts, class_names, templates)
         metrics = evaluation_metrics(eval_set, ks=tuple(self.hparams.retrieval_ks), classifier=classifier)
+        if self.hparams.get("compositional_val"):
+            metrics.update(self._compositional_metrics(eval_set))
         for name, value in metrics.items():
             self.log(f"val/{name}", float(value), sync_dist=False, rank_zero_only=False)
+
+    def _compositional_metrics(self, eval_set) -> dict[str, float]:
+        """The compositional accuracies of the validation set (every rank computes the same numbers)."""
+        from mmret.data.perturb import CaptionPerturber
+        from mmret.evaluation.compositional import ImageRecord, score_eval_set
+
+        records = self._val_records
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, records)
+            records = {key: value for part in gathered for key, value in part.items()}
+        self._val_records = {}
+        ordered = [ImageRecord(i, *records[i]) for i in eval_set.image_ids.tolist()]
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        info = datamodule.dataset_info("val") if hasattr(datamodule, "dataset_info") else None
+        _, metrics, _ = score_eval_set(
+            self.encode_texts, eval_set, ordered, CaptionPerturber.for_dataset(info), self.device, 256
+        )
+        return metrics
 
     def _class_names_and_templates(self) -> tuple[list[str] | None, list[str]]:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
