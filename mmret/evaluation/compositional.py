@@ -441,7 +441,7 @@ def plot_accuracies(
     matplotlib.use("Agg")  # files only, also on machines without a display
     import matplotlib.pyplot as plt
 
-    from mmret.io import atomic_file
+    from mmret.evaluation.plots import _save as save_figure
 
     names = [
         key
@@ -471,10 +471,4 @@ def plot_accuracies(
     if title:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    try:
-        with atomic_file(path, binary=True) as handle:
-            fig.savefig(handle, format="png", dpi=100)
-    finally:
-        plt.close(fig)
-    return path
+    return save_figure(fig, path)
