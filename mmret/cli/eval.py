@@ -94,15 +94,18 @@ def run(args: argparse.Namespace) -> int:
     output = check_output_file(args.output, expected="a results .json file")
     check_numbers(args)
     check_inputs(args)
-    if args.task == "compositional":
-        return run_compositional(args, output)
-    data_path = resolve_data_path(args.data, args.split)
     device = resolve_device(args.device)
-    if args.wandb_summary:
-        from mmret.training.wandb_tracking import check_results_summary_target
+    if args.benchmark:
+        from mmret.evaluation.compositional_benchmarks import read_benchmarks
 
-        check_results_summary_target(args.model)  # before any work: a run without W&B is a usage error
-    eval_data = open_eval_data(data_path, args.task, args.batch_size, args.num_workers)
+        triples = read_benchmarks(args.benchmark, args.image_root)  # every file and image checked first
+    else:
+        data_path = resolve_data_path(args.data, args.split)
+        if args.wandb_summary:
+            from mmret.training.wandb_tracking import check_results_summary_target
+
+            check_results_summary_target(args.model)  # before any work: a run without W&B is a usage error
+        eval_data = open_eval_data(data_path, args.task, args.batch_size, args.num_workers)
     module = DualEncoder.from_checkpoint(args.model, device)  # UsageError for any other checkpoint
     reranker = CrossEncoder.from_checkpoint(args.reranker, device) if args.reranker is not None else None
     options = EvalOptions(
@@ -110,41 +113,21 @@ def run(args: argparse.Namespace) -> int:
         device=str(device), num_workers=args.num_workers, num_examples=args.num_examples,
         examples_top_k=args.examples_top_k, reranker=args.reranker, top_k=args.top_k, fusion=args.fusion,
     )  # fmt: skip
-    results = evaluate(module, eval_data, options, reranker=reranker)
+    if args.benchmark:
+        from mmret.evaluation.compositional_benchmarks import evaluate_benchmark
+
+        results = evaluate_benchmark(module, args.benchmark, options, args.image_root, reranker, triples)
+    elif args.task == "compositional":
+        from mmret.evaluation.compositional import evaluate_compositional
+
+        results = evaluate_compositional(module, eval_data, options, reranker=reranker)
+    else:
+        results = evaluate(module, eval_data, options, reranker=reranker)
     if args.wandb_summary:
         from mmret.training.wandb_tracking import log_results_summary, run_dir_of_checkpoint
 
         run_id = log_results_summary(run_dir_of_checkpoint(args.model), results)
         print(f"set the results as the summary of W&B run {run_id}")
-    print(summary_line(results))
-    print(f"wrote {output}, {', '.join(results['pictures'])}")
-    return 0
-
-
-def run_compositional(args: argparse.Namespace, output: Path) -> int:
-    """`mmret eval --task compositional`: on a shard set (`--data`) or on benchmark files (`--benchmark`)."""
-    from mmret.evaluation.compositional import evaluate_compositional
-    from mmret.evaluation.compositional_benchmarks import evaluate_benchmark, read_benchmarks
-    from mmret.evaluation.results import EvalOptions, open_eval_data
-    from mmret.evaluation.shard_set import resolve_data_path, resolve_device
-    from mmret.training import CrossEncoder, DualEncoder
-
-    device = resolve_device(args.device)
-    if args.benchmark:
-        triples = read_benchmarks(args.benchmark, args.image_root)  # every file and image checked first
-    else:
-        data_path = resolve_data_path(args.data, args.split)
-        eval_data = open_eval_data(data_path, args.task, args.batch_size, args.num_workers)
-    module = DualEncoder.from_checkpoint(args.model, device)  # UsageError for any other checkpoint
-    reranker = CrossEncoder.from_checkpoint(args.reranker, device) if args.reranker is not None else None
-    options = EvalOptions(
-        model=args.model, output=str(output), task=args.task, split=args.split, batch_size=args.batch_size,
-        device=str(device), num_workers=args.num_workers, reranker=args.reranker,
-    )  # fmt: skip
-    if args.benchmark:
-        results = evaluate_benchmark(module, args.benchmark, options, args.image_root, reranker, triples)
-    else:
-        results = evaluate_compositional(module, eval_data, options, reranker=reranker)
     print(summary_line(results))
     print(f"wrote {output}, {', '.join(results['pictures'])}")
     return 0

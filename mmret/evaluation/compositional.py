@@ -302,25 +302,22 @@ def score_eval_set(
     """
     known = list(eval_set.captions or [])
     pairs = build_pairs(records, perturber, seed, texts=known)
-    new = pairs.texts[len(known) :]
-    chunks = [
-        encode_texts(list(new[i : i + batch_size])).float().to(device) for i in range(0, len(new), batch_size)
-    ]
-    text_emb = (
-        torch.cat([eval_set.text_emb[: len(known)].float().to(device), *chunks])
-        if known
-        else torch.cat(chunks)
-    )
+    text_emb = embed_texts(encode_texts, pairs.texts[len(known) :], device, batch_size)
+    if known:  # the eval set's own captions are embedded already
+        embedded = eval_set.text_emb[: len(known)].float().to(device)
+        text_emb = torch.cat([embedded, text_emb]) if len(text_emb) else embedded
     image_emb = eval_set.image_emb.float().to(device)
     metrics, counts = compositional_metrics(pairs, embedding_scorer(text_emb, image_emb))
     return pairs, metrics, counts
 
 
 @torch.no_grad()
-def embed_texts(module, texts: Sequence[str], device: torch.device, batch_size: int) -> Tensor:
-    """[T, D] float embeddings of caption strings by `module.encode_texts`, `batch_size` at a time."""
+def embed_texts(
+    encode_texts: Callable[[list[str]], Tensor], texts: Sequence[str], device: torch.device, batch_size: int
+) -> Tensor:
+    """[T, D] float embeddings of caption strings by `encode_texts`, `batch_size` at a time."""
     chunks = [
-        module.encode_texts(list(texts[start : start + batch_size])).float().to(device)
+        encode_texts(list(texts[start : start + batch_size])).float().to(device)
         for start in range(0, len(texts), batch_size)
     ]
     return torch.cat(chunks) if chunks else torch.zeros(0, 0, device=device)

@@ -150,7 +150,7 @@ def dual_encoder_scorer(module, pairs: CompositionalPairs, images: Sequence[Path
             for batch in image_batches(images, transform, batch_size)
         ]
     )  # [N, D]
-    text_emb = embed_texts(module, pairs.texts, device, batch_size)  # [T, D]
+    text_emb = embed_texts(module.encode_texts, pairs.texts, device, batch_size)  # [T, D]
     return embedding_scorer(text_emb, image_emb)
 
 
