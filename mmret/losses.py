@@ -14,7 +14,9 @@ exactly the parameter gradient of one process on the concatenated 2B batch (test
 logit_scale's is exact; with `local_loss=True` the gradient that flows through other ranks' rows is dropped.
 
 Optional `sample_ids` (`[B]`, e.g. the image id of each caption): two rows with the same id are never each
-other's negatives (several captions of one image in a batch).
+other's negatives (several captions of one image in a batch). Optional `caption_keys` (`CaptionKeys`) go
+further: a row's caption that also describes another row's image (two images of one composition, a caption
+shared by several images) is not that image's negative either.
 
 Hard negatives (`HardNegatives`, optional `negatives=` of both dual-encoder losses): extra text embeddings per
 image row (compositional perturbations of its caption, mined captions) and extra image embeddings per caption row
@@ -124,6 +126,67 @@ class HardNegatives:
 
 
 @dataclass
+class CaptionKeys:
+    """Which captions describe which images of a batch: in-batch false negatives beyond a shared sample id.
+
+    Two images of one composition ("a red circle left of a blue square" drawn twice), or a caption several
+    images carry, make a pair (image i, caption of row j) that is really positive; as an in-batch negative it
+    would push apart what should meet. Such a pair (j not i's own row) is left out of both denominators, like
+    rows sharing a sample id, on every rank's columns.
+
+    Attributes:
+        text: int64 `[B]` key (`mmret.data.perturb.caption_key`) of each row's caption.
+        image: int64 `[B, C]` keys of every caption of each row's image (-1 pads; C may differ across ranks).
+    """
+
+    text: Tensor
+    image: Tensor
+
+    def __post_init__(self) -> None:
+        if self.text.dim() != 1 or self.image.dim() != 2 or self.image.shape[0] != self.text.shape[0]:
+            raise ValueError(
+                f"CaptionKeys: expected text [B] and image [B, C], got {tuple(self.text.shape)} and "
+                f"{tuple(self.image.shape)}"
+            )
+
+
+def _describes(image_keys: Tensor, text_keys: Tensor) -> Tensor:
+    """bool `[I, T]`: caption column t is one of the captions of image row i (`image_keys` `[I, C]`, -1 pads)."""
+    match = (image_keys[:, :, None] == text_keys[None, None, :]) & (image_keys[:, :, None] >= 0)
+    return match.any(dim=1)
+
+
+def _gather_key_rows(keys: Tensor, world_size: int) -> Tensor:
+    """Every rank's `[B, C]` key rows, padded with -1 to the widest C (ranks may hold different C)."""
+    if world_size == 1:
+        return keys
+    width = int(distributed.all_gather_no_grad(torch.tensor([keys.shape[1]], device=keys.device)).max())
+    padded = F.pad(keys, (0, width - keys.shape[1]), value=-1)
+    return distributed.all_gather_no_grad(padded)
+
+
+def _shared_caption_masks(
+    keys: CaptionKeys, world_size: int, local_rows: bool, positive_cols: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Masks `[R, N]` of the pairs `keys` makes positive off each row's own column: (image rows x text
+    columns, text rows x image columns)."""
+    device = positive_cols.device
+    text_keys, image_keys = keys.text.to(device), keys.image.to(device)
+    if world_size > 1:
+        all_text_keys = distributed.all_gather_no_grad(text_keys)  # [N]
+        all_image_keys = _gather_key_rows(image_keys, world_size)  # [N, C']
+    else:
+        all_text_keys, all_image_keys = text_keys, image_keys
+    row_text_keys, row_image_keys = (text_keys, image_keys) if local_rows else (all_text_keys, all_image_keys)
+    rows = torch.arange(len(positive_cols), device=device)
+    image_rows = _describes(row_image_keys, all_text_keys)  # [R, N]
+    text_rows = _describes(all_image_keys, row_text_keys).T  # [R, N]
+    image_rows[rows, positive_cols] = False
+    text_rows[rows, positive_cols] = False
+    return image_rows, text_rows
+
+
+@dataclass
 class _NegativeColumns:
     """Gathered hard negatives of one kind: `[M, D]` embeddings and a `[rows, M]` mask of non-negatives."""
 
@@ -220,6 +283,7 @@ class InfoNCELoss(nn.Module):
         logit_scale: Tensor,
         sample_ids: Tensor | None = None,
         negatives: HardNegatives | None = None,
+        caption_keys: CaptionKeys | None = None,
     ) -> Tensor:
         """Mean over this rank's rows (or all rows) of (CE image->text + CE text->image) / 2.
 
@@ -230,6 +294,8 @@ class InfoNCELoss(nn.Module):
             sample_ids: optional `[B]` integer ids; rows sharing an id are not each other's negatives.
             negatives: optional hard negatives (`HardNegatives`): text negatives join the image->text
                 denominators, image negatives the text->image ones, gathered from every rank.
+            caption_keys: optional `CaptionKeys`; a caption of another row that describes a row's image is
+                neither its positive nor its negative (in both directions).
 
         Returns:
             scalar loss.
@@ -265,6 +331,10 @@ class InfoNCELoss(nn.Module):
                 )  # [rows, N], same for both directions
                 logits_per_image = logits_per_image.masked_fill(masked, float("-inf"))
                 logits_per_text = logits_per_text.masked_fill(masked, float("-inf"))
+            if caption_keys is not None:
+                image_rows, text_rows = _shared_caption_masks(caption_keys, world_size, local_rows, labels)
+                logits_per_image = logits_per_image.masked_fill(image_rows, float("-inf"))
+                logits_per_text = logits_per_text.masked_fill(text_rows, float("-inf"))
 
             if negatives is not None:
                 text_columns, image_columns = self._negative_columns(
@@ -288,7 +358,7 @@ class InfoNCELoss(nn.Module):
             # Row-aligned per-row tensors: this rank's rows, or every rank's for the full matrix.
             if tensor is None or local_rows or world_size == 1:
                 return tensor
-            return distributed.all_gather_no_grad(tensor.to(device))
+            return _gather_key_rows(tensor.to(device), world_size)
 
         text_columns = image_columns = None
         if negatives.text is not None and negatives.text.shape[1] > 0:
@@ -394,6 +464,7 @@ class SigLIPLoss(nn.Module):
         logit_bias: Tensor,
         sample_ids: Tensor | None = None,
         negatives: HardNegatives | None = None,
+        caption_keys: CaptionKeys | None = None,
     ) -> Tensor:
         """Sigmoid loss of this rank's images against every rank's texts.
 
@@ -406,6 +477,8 @@ class SigLIPLoss(nn.Module):
                 dropped from the sum.
             negatives: optional hard negatives (`HardNegatives`, "gather" only): every (local image, gathered
                 text negative) and (local text, gathered image negative) pair joins the sum as a negative pair.
+            caption_keys: optional `CaptionKeys`; a pair whose caption describes the image (other than a row's
+                own pair) is dropped from the sum.
 
         Returns:
             scalar loss.
@@ -430,6 +503,9 @@ class SigLIPLoss(nn.Module):
                 if sample_ids is not None:
                     all_ids = distributed.all_gather_no_grad(sample_ids) if world_size > 1 else sample_ids
                     dropped = _same_id_off_positive(sample_ids, all_ids, positive_cols)  # [B, N]
+                if caption_keys is not None:
+                    shared, _ = _shared_caption_masks(caption_keys, world_size, True, positive_cols)
+                    dropped = shared if dropped is None else dropped | shared
                 total = self._pair_loss_sum(
                     image_emb, all_text, logit_scale, logit_bias, positive_cols, dropped
                 )
@@ -442,6 +518,13 @@ class SigLIPLoss(nn.Module):
                 raise ValueError("SigLIPLoss: hard negatives need dist_impl='gather'")
 
             dropped = None if sample_ids is None else _same_id_off_positive(sample_ids, sample_ids, own_cols)
+            image_keys = key_block = None
+            if caption_keys is not None:
+                image_keys = caption_keys.image.to(image_emb.device)
+                key_block = caption_keys.text.to(image_emb.device)
+                shared = _describes(image_keys, key_block)
+                shared[own_cols, own_cols] = False
+                dropped = shared if dropped is None else dropped | shared
             total = self._pair_loss_sum(image_emb, text_emb, logit_scale, logit_bias, own_cols, dropped)
             right, left = (rank + 1) % world_size, (rank - 1) % world_size
             text_block, id_block = text_emb, sample_ids
@@ -452,6 +535,10 @@ class SigLIPLoss(nn.Module):
                 if sample_ids is not None:
                     id_block = distributed.neighbour_exchange(id_block, send_to=right, recv_from=left)
                     dropped = sample_ids[:, None] == id_block[None, :]  # [B, B]
+                if key_block is not None:
+                    key_block = distributed.neighbour_exchange(key_block, send_to=right, recv_from=left)
+                    shared = _describes(image_keys, key_block)  # [B, B]
+                    dropped = shared if dropped is None else dropped | shared
                 total = total + self._pair_loss_sum(
                     image_emb, text_block, logit_scale, logit_bias, None, dropped
                 )

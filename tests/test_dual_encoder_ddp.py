@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from mmret.data.datamodule import RetrievalDataModule
+from mmret.data.perturb import caption_key_rows, caption_keys_of
 from mmret.training import DualEncoder
 
 TRAIN_KEYS = ("image", "text", "sample_id", "label")
@@ -30,7 +31,7 @@ class RankSlices(L.LightningDataModule):
         local = []
         for batch in self.global_batches:
             rows = batch["image"].shape[0] // world
-            local.append({key: batch[key][rank * rows : (rank + 1) * rows] for key in TRAIN_KEYS})
+            local.append({key: value[rank * rows : (rank + 1) * rows] for key, value in batch.items()})
         return torch.utils.data.DataLoader(local, batch_size=None)
 
 
@@ -49,13 +50,21 @@ class LossRecorder(L.Callback):
             json.dump(self.losses, handle)
 
 
-def digits_batches(root, model: DualEncoder, batch_size: int, count: int) -> list[dict]:
+def digits_batches(
+    root, model: DualEncoder, batch_size: int, count: int, caption_keys: bool = False
+) -> list[dict]:
+    """Global batches of digits train images; with `caption_keys` they carry `text_key` / `caption_keys`
+    (digits of one class share caption templates, so many rows describe each other's images)."""
     data = RetrievalDataModule(test=str(root / "train"), eval_batch_size=batch_size, num_workers=0)
     data.set_preprocess(_eval_transform(model), model.tokenizer)
     data.setup("test")
     batches = []
     for batch in data.test_dataloader():
-        batches.append({key: batch[key] for key in TRAIN_KEYS})
+        kept = {key: batch[key] for key in TRAIN_KEYS}
+        if caption_keys:
+            kept["text_key"] = caption_keys_of([[caption] for caption in batch["caption"]])[:, 0]
+            kept["caption_keys"] = caption_key_rows(batch["captions"])
+        batches.append(kept)
         if len(batches) == count:
             break
     return batches
@@ -91,11 +100,18 @@ def train(batches: list[dict], devices: int, out_dir, loss: str) -> list[float]:
 
 @pytest.mark.ddp
 @pytest.mark.slow
-@pytest.mark.parametrize("loss", ["infonce", "siglip"])
+@pytest.mark.parametrize("loss", ["infonce", "siglip", "infonce+caption_keys"])
 def test_two_ranks_follow_the_single_process_loss_curve_with_twice_the_batch(tmp_path, digits_root, loss):
     model = DualEncoder(model="test-vit-micro")
-    batches = digits_batches(digits_root, model, batch_size=16, count=4)  # 4 steps of a global batch of 16
+    keys = loss.endswith("+caption_keys")
+    loss = loss.removesuffix("+caption_keys")
+    # 4 steps of a global batch of 16
+    batches = digits_batches(digits_root, model, batch_size=16, count=4, caption_keys=keys)
     assert all(b["image"].shape[0] == 16 for b in batches)
+    if keys:  # the masking is not vacuous: some rows' captions describe another row's image
+        first = batches[0]
+        shared = (first["text_key"][:, None, None] == first["caption_keys"][None]).any(-1)
+        assert int(shared.sum()) > 16
     (tmp_path / "single").mkdir()
     (tmp_path / "ddp").mkdir()
     single = train(batches, 1, tmp_path / "single", loss)

@@ -46,6 +46,7 @@ def _perturbed_batch(model: DualEncoder, batch_size: int = 8, k: int = 2, seed: 
         "perturbed_valid": torch.ones(batch_size, k, dtype=torch.bool),
         "perturbed_key": torch.tensor([[caption_key(p.text) for p in row] for row in perturbed]),
         "caption_keys": torch.tensor([[caption_key(c)] for c in captions]),
+        "text_key": torch.tensor([caption_key(c) for c in captions]),  # rows i and i + 6 share a caption
         "mined_image": torch.randn(batch_size, 1, 3, size, size, generator=generator),
         "mined_image_valid": torch.ones(batch_size, 1, dtype=torch.bool),
         "mined_image_id": (torch.arange(batch_size)[:, None] + 1) % batch_size + 10 * seed,
@@ -94,7 +95,8 @@ def test_data_module_refuses_bad_perturbation_settings():
 
 
 def test_dual_encoder_uses_the_batch_hard_negatives_and_gradcache_agrees():
-    """Hard negatives change the loss; GradCache over them gives the plain step's gradients."""
+    """Hard negatives change the loss; GradCache over them (and the batch's caption keys) gives the plain
+    step's gradients."""
     torch.manual_seed(0)
     probe = DualEncoder(model="test-vit-micro", warmup_steps=1)
     batch = _perturbed_batch(probe)
@@ -105,7 +107,10 @@ def test_dual_encoder_uses_the_batch_hard_negatives_and_gradcache_agrees():
         negatives = probe._negatives(inputs, [probe._encoder_of(i.kind)(i.data) for i in inputs], batch)
         with_negatives = probe._loss(image_emb, text_emb, batch["sample_id"], negatives)
         without = probe._loss(image_emb, text_emb, batch["sample_id"])
+        keys = probe.caption_keys(batch)
+        masked = probe._loss(image_emb, text_emb, batch["sample_id"], negatives, keys)
     assert with_negatives > without
+    assert masked < with_negatives  # rows sharing a caption left each other's denominators
     off = DualEncoder(model="test-vit-micro", hard_negatives=False)
     assert off.hard_negative_inputs(batch) == []
 

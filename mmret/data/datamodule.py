@@ -38,6 +38,7 @@ from mmret.data.mined_negatives import MinedNegativeStore
 from mmret.data.perturb import CaptionPerturber
 from mmret.data.shard_sets import ShardSource, resolve_sources, total_samples
 from mmret.data.streams import EvalStream, TrainStream
+from mmret.data.twin_batches import TwinBatcher
 from mmret.errors import UsageError
 
 SPLITS = ("train", "val", "test")
@@ -107,6 +108,11 @@ class RetrievalDataModule(L.LightningDataModule):
         negatives_known_only: Draw only caption negatives that are themselves captions of training samples seen
             earlier in the epoch's stream, so no negative shows a composition the training data never does (for
             held-out-composition tests such as shapes' unseen part; see mmret.data.perturb).
+        batch_twins: Twins per sample: each sample drawn into a training batch brings up to this many samples of
+            the shuffle buffer that a perturbation of its caption describes (its bag-of-words twins, e.g. the
+            same shapes with the colours swapped), so the in-batch negatives hold every sample's hardest
+            confusers at no extra encoding cost (mmret.data.twin_batches). Uses `perturbation_types` and the
+            word classes; a larger `shuffle_buffer` finds more twins. 0: plain shuffled batches.
         word_classes: Word classes for the targeted strategies, `{name: {role, words}}` with role attribute,
             object or relation; added to (and overriding) the `word_classes` of the train data's dataset.json.
     """
@@ -133,6 +139,7 @@ class RetrievalDataModule(L.LightningDataModule):
         perturbation_types: list[str] | None = None,
         word_classes: dict | None = None,
         negatives_known_only: bool = False,
+        batch_twins: int = 0,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -150,6 +157,7 @@ class RetrievalDataModule(L.LightningDataModule):
             ("image_size", image_size, 1),
             ("mined_per_sample", mined_per_sample, 1),
             ("caption_negatives", caption_negatives, 0),
+            ("batch_twins", batch_twins, 0),
         ]:
             if value is not None and value < minimum:
                 raise UsageError(f"data module: {name} is {value}; expected an integer >= {minimum}")
@@ -177,7 +185,13 @@ class RetrievalDataModule(L.LightningDataModule):
         self.perturbation_types = perturbation_types
         self.word_classes = word_classes
         self.negatives_known_only = negatives_known_only
-        if caption_negatives:
+        self.batch_twins = batch_twins
+        if batch_twins and shuffle_buffer < 2:
+            raise UsageError(
+                f"data module: batch_twins is {batch_twins} but shuffle_buffer is {shuffle_buffer}; twins are "
+                "looked for in the shuffle buffer, so it needs at least 2 samples (thousands find more twins)"
+            )
+        if caption_negatives or batch_twins:
             self._perturber_for(None)  # check the types and classes now: a bad one fails before training
         self._mined: MinedNegativeStore | None = None
         self.image_transform: Callable | None = None
@@ -320,6 +334,11 @@ class RetrievalDataModule(L.LightningDataModule):
             perturber=self._perturber_for(sources) if self.caption_negatives else None,
             caption_negatives=self.caption_negatives,
             negatives_known_only=self.negatives_known_only,
+            twins=(
+                TwinBatcher(self._perturber_for(sources), self.batch_twins, self.shuffle_buffer)
+                if self.batch_twins
+                else None
+            ),
         )
         # Lightning warns that an IterableDataset's __len__ may be wrong with several workers; ours is exact by
         # construction (each worker yields its share of batches_per_rank), so that warning is noise here.

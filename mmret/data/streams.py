@@ -47,6 +47,7 @@ from mmret.data.samples import (
     iter_shard,
 )
 from mmret.data.shard_sets import ShardSource
+from mmret.data.twin_batches import TwinBatcher
 from mmret.errors import UsageError
 
 ImageTransform = Callable[[Image.Image], torch.Tensor]
@@ -142,10 +143,12 @@ class TrainStream(_StreamBase):
         caption_negatives: Perturbed captions per sample (0: none).
         negatives_known_only: Draw only perturbations that are captions of samples this worker has already
             prepared in the epoch (the current batch included); see mmret.data.perturb, "Known-only negatives".
+        twins: Groups each sample with the samples its caption's perturbations describe, drawn from the shuffle
+            buffer into the same batch (mmret.data.twin_batches); replaces the plain shuffle.
 
-    Whenever a batch carries hard negatives it also carries `caption_keys` `[B, C]`, the keys of every caption
-    of each sample (and mined captions carry `mined_text_key`), so a loss can tell a negative that happens to
-    describe another image of the batch.
+    Whenever a batch carries hard negatives or twins it also carries `caption_keys` `[B, C]`, the keys of every
+    caption of each sample, and `text_key` `[B]`, the key of each row's caption (mined captions carry
+    `mined_text_key`), so a loss can tell a negative that happens to describe another image of the batch.
     """
 
     def __init__(
@@ -165,9 +168,11 @@ class TrainStream(_StreamBase):
         perturber: CaptionPerturber | None = None,
         caption_negatives: int = 0,
         negatives_known_only: bool = False,
+        twins: TwinBatcher | None = None,
     ):
         super().__init__(sources, batch_size, rank, world_size, image_transform, tokenizer)
         self.negatives_known_only = negatives_known_only
+        self.twins = twins
         self.mined = mined
         if caption_negatives < 0 or (caption_negatives and perturber is None):
             raise UsageError(
@@ -265,7 +270,9 @@ class TrainStream(_StreamBase):
             torch.manual_seed(int(rng.integers(2**63)))
         counter = SkipCounter()
         raw_stream = self._mixed(rng, counter)
-        if self.shuffle_buffer > 1:
+        if self.twins is not None:
+            raw_stream = self.twins.stream(raw_stream, rng, self.batch_size)
+        elif self.shuffle_buffer > 1:
             raw_stream = self._shuffled(raw_stream, rng)
         # Normalized captions of every sample prepared so far (known-only negatives): the stream is a pure
         # function of (epoch, worker, position), so this set is too.
@@ -291,8 +298,9 @@ class TrainStream(_StreamBase):
                 batch["mined_text_key"] = caption_keys_of(batch["mined_caption"])
             if self.perturber is not None:
                 batch.update(collate_perturbed(samples, self.tokenizer, self.caption_negatives))
-            if self.mined is not None or self.perturber is not None:
+            if self.mined is not None or self.perturber is not None or self.twins is not None:
                 batch["caption_keys"] = caption_key_rows([sample["captions"] for sample in samples])
+                batch["text_key"] = caption_keys_of([[caption] for caption in batch["caption"]])[:, 0]
             batch[SKIPPED_KEY] = counter.take_unreported()
             yield batch
 

@@ -46,7 +46,7 @@ from torch import Tensor
 from mmret import distributed
 from mmret.errors import UsageError
 from mmret.evaluation.retrieval import EvalSetEmbedder, caption_hash, evaluation_metrics
-from mmret.losses import HardNegatives, InfoNCELoss, ListwiseLoss, binary_cross_entropy_loss
+from mmret.losses import CaptionKeys, HardNegatives, InfoNCELoss, ListwiseLoss, binary_cross_entropy_loss
 from mmret.mining.in_batch import sample_hard_negatives
 from mmret.models import (
     create_model,
@@ -409,8 +409,18 @@ class CrossEncoder(LightningModule):
                     text_keys=batch["perturbed_key"].to(image_emb.device),
                     row_text_keys=batch["caption_keys"].to(image_emb.device),
                 )
+            caption_keys = None
+            if "text_key" in batch and "caption_keys" in batch:  # captions describing another row's image too
+                caption_keys = CaptionKeys(
+                    batch["text_key"].to(image_emb.device), batch["caption_keys"].to(image_emb.device)
+                )
             contrastive = self.contrastive(
-                image_emb, text_emb, logit_scale, sample_ids=sample_id, negatives=negatives
+                image_emb,
+                text_emb,
+                logit_scale,
+                sample_ids=sample_id,
+                negatives=negatives,
+                caption_keys=caption_keys,
             )
             self.log("train/loss_contrastive", contrastive.detach(), batch_size=batch_size)
             loss = loss + self.hparams.contrastive_weight * contrastive

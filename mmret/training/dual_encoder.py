@@ -38,7 +38,7 @@ from mmret.evaluation.retrieval import (  # noqa: F401  (caption_hash, group_tex
     evaluation_metrics,
     group_text_queries,
 )
-from mmret.losses import HardNegatives, InfoNCELoss, SigLIPLoss
+from mmret.losses import CaptionKeys, HardNegatives, InfoNCELoss, SigLIPLoss
 from mmret.models import (
     create_model,
     create_transforms,
@@ -99,6 +99,9 @@ class DualEncoder(LightningModule):
         retrieval_ks: K values of Recall@K logged at validation.
         hard_negatives: Use the hard negatives the batch carries (perturbed captions, mined images and
             captions); False trains on in-batch negatives only, whatever the data module attaches.
+        mask_shared_captions: When the batch carries caption keys (it does with hard negatives or
+            `data.batch_twins`), a caption that also describes another row's image (two images of one
+            composition) is not that image's negative (`mmret.losses.CaptionKeys`).
         compositional_val: Also log the compositional accuracies of the validation set at each validation
             (`val/compositional_text_acc[/<type>][/seen|/unseen]`, `val/compositional_image_acc...`; see
             mmret.evaluation.compositional), with the word classes of the val data's dataset.json.
@@ -131,6 +134,7 @@ class DualEncoder(LightningModule):
         gradcache_chunk_size: int | None = None,
         retrieval_ks: tuple[int, ...] = (1, 5, 10),
         hard_negatives: bool = True,
+        mask_shared_captions: bool = True,
         compositional_val: bool = False,
     ) -> None:
         super().__init__()
@@ -225,18 +229,22 @@ class DualEncoder(LightningModule):
         text_emb: torch.Tensor,
         sample_id: torch.Tensor,
         negatives: HardNegatives | None = None,
+        caption_keys: CaptionKeys | None = None,
     ) -> torch.Tensor:
         logit_scale = self.model.logit_scale.exp()
+        extra = {"sample_ids": sample_id, "negatives": negatives, "caption_keys": caption_keys}
         if self.hparams.loss == "siglip":
-            return self.loss_fn(
-                image_emb,
-                text_emb,
-                logit_scale,
-                self.model.logit_bias,
-                sample_ids=sample_id,
-                negatives=negatives,
-            )
-        return self.loss_fn(image_emb, text_emb, logit_scale, sample_ids=sample_id, negatives=negatives)
+            return self.loss_fn(image_emb, text_emb, logit_scale, self.model.logit_bias, **extra)
+        return self.loss_fn(image_emb, text_emb, logit_scale, **extra)
+
+    def caption_keys(self, batch: dict) -> CaptionKeys | None:
+        """The batch's `CaptionKeys` (which captions describe which of its images), when it carries them."""
+        if (
+            not self.hparams.get("mask_shared_captions", True)
+            or not {"text_key", "caption_keys"} <= batch.keys()
+        ):
+            return None
+        return CaptionKeys(batch["text_key"].to(self.device), batch["caption_keys"].to(self.device))
 
     def hard_negative_inputs(self, batch: dict) -> list[_NegativeInput]:
         """The hard negatives a batch carries, to encode: perturbed captions, mined captions, mined images."""
@@ -295,7 +303,13 @@ class DualEncoder(LightningModule):
         if self.automatic_optimization:
             embeddings = [self._encoder_of(item.kind)(item.data) for item in negative_inputs]
             negatives = self._negatives(negative_inputs, embeddings, batch)
-            loss = self._loss(self.encode_image(images), self.encode_text(text), sample_id, negatives)
+            loss = self._loss(
+                self.encode_image(images),
+                self.encode_text(text),
+                sample_id,
+                negatives,
+                self.caption_keys(batch),
+            )
         else:
             loss = self._gradcache_step(images, text, sample_id, negative_inputs, batch)
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=images.shape[0])
@@ -311,10 +325,11 @@ class DualEncoder(LightningModule):
         scheduler = self.lr_schedulers()
         optimizer.zero_grad(set_to_none=True)
 
+        caption_keys = self.caption_keys(batch)
+
         def loss_fn(image_emb, text_emb, *negative_embs):
-            return self._loss(
-                image_emb, text_emb, sample_id, self._negatives(negative_inputs, list(negative_embs), batch)
-            )
+            negatives = self._negatives(negative_inputs, list(negative_embs), batch)
+            return self._loss(image_emb, text_emb, sample_id, negatives, caption_keys)
 
         output = lightning_gradcache_backward(
             self,
