@@ -15,6 +15,7 @@ import torch
 from mmret.data.datamodule import RetrievalDataModule
 from mmret.data.perturb import caption_key_rows, caption_keys_of
 from mmret.training import DualEncoder
+from tests.ddp_helpers import LeaveTogether
 
 TRAIN_KEYS = ("image", "text", "sample_id", "label")
 
@@ -89,7 +90,7 @@ def train(batches: list[dict], devices: int, out_dir, loss: str) -> list[float]:
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        callbacks=[LossRecorder(str(out_dir))],
+        callbacks=[LossRecorder(str(out_dir)), LeaveTogether()],
         deterministic=True,
         use_distributed_sampler=False,  # RankSlices already gives each rank its slice
     )

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from mmret.losses import InfoNCELoss
 from mmret.training.gradcache import lightning_gradcache_backward
+from tests.ddp_helpers import LeaveTogether
 from tests.test_gradcache import (
     _ALLREDUCE_CALLS,
     CHUNK,
@@ -108,6 +109,7 @@ def test_gradcache_in_lightning_ddp_equals_full_batch_sgd(tmp_path):
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
+        callbacks=[LeaveTogether()],
     )
     trainer.fit(_GradCacheModule(str(tmp_path)))
 

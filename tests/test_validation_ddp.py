@@ -19,6 +19,7 @@ import torch
 
 from mmret.data.datamodule import RetrievalDataModule
 from mmret.training import DualEncoder
+from tests.ddp_helpers import LeaveTogether
 
 
 class ValidationRecorder(L.Callback):
@@ -48,7 +49,7 @@ def validate(model: L.LightningModule, val_dir: Path, devices: int, out_dir: Pat
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[ValidationRecorder(str(out_dir))],
+        callbacks=[ValidationRecorder(str(out_dir)), LeaveTogether()],
     )
     trainer.validate(model, datamodule=data)
     return [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in range(devices)]
