@@ -142,6 +142,14 @@ class CaptionKeys:
     text: Tensor
     image: Tensor
 
+    @classmethod
+    def from_batch(cls, batch: dict, device: torch.device | str | None = None) -> CaptionKeys | None:
+        """The keys a batch carries (`text_key` [B], `caption_keys` [B, C]; DESIGN's Batches contract), on
+        `device`; None when it carries neither."""
+        if "text_key" not in batch or "caption_keys" not in batch:
+            return None
+        return cls(batch["text_key"].to(device), batch["caption_keys"].to(device))
+
     def __post_init__(self) -> None:
         if self.text.dim() != 1 or self.image.dim() != 2 or self.image.shape[0] != self.text.shape[0]:
             raise ValueError(

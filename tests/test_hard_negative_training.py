@@ -151,6 +151,34 @@ def test_cross_encoder_scores_perturbed_captions_as_image_negatives():
     assert torch.isfinite(with_perturbed)
 
 
+def test_cross_encoder_contrastive_term_masks_shared_captions():
+    """Rows i and i + 6 of the batch share a caption: masked (the default) they are not each other's
+    negatives, so the contrastive loss is strictly lower; `mask_shared_captions=False` or a batch without
+    caption keys gives the unmasked loss."""
+    from mmret.training import CrossEncoder
+
+    def contrastive_loss(mask: bool, drop_keys: bool = False) -> float:
+        torch.manual_seed(0)
+        model = CrossEncoder(
+            model="test-vit-micro", num_negatives=1, contrastive_weight=1.0, warmup_steps=1,
+            mask_shared_captions=mask,
+        )  # fmt: skip
+        batch = _perturbed_batch(DualEncoder(model="test-vit-micro"), batch_size=8, k=1)
+        batch["text"] = model.tokenizer(batch["caption"])
+        dropped = {"mined_image", "mined_image_valid", "mined_image_id", "perturbed_text", "perturbed_valid"}
+        dropped |= {"perturbed_key"} | ({"text_key", "caption_keys"} if drop_keys else set())
+        batch = {k: v for k, v in batch.items() if k not in dropped}
+        logged = {}
+        model.log = lambda name, value, **kw: logged.__setitem__(name, float(value))
+        torch.manual_seed(1)
+        model.training_step(batch, 0)
+        return logged["train/loss_contrastive"]
+
+    masked, unmasked = contrastive_loss(True), contrastive_loss(False)
+    assert masked < unmasked - 1e-4
+    assert contrastive_loss(True, drop_keys=True) == pytest.approx(unmasked, rel=1e-6)
+
+
 def _composition_shards(directory, held_out=("blue", "circle")):
     """Two-object captions over every binding of WORD_CLASSES but `held_out`, which no caption shows."""
     import io

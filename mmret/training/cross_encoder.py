@@ -109,6 +109,8 @@ class CrossEncoder(LightningModule):
             embedding space, which the fusion's gradient alone tears apart (experiments/shapes_reranker.yaml
             records the measurement), and the towers keep learning what the dual encoder learns. Needs an
             unfrozen tower.
+        mask_shared_captions: In the contrastive term, a caption that also describes another row's image is
+            not that image's negative (`mmret.losses.CaptionKeys`), as in DualEncoder.
         lr: Peak AdamW learning rate.
         tower_lr_scale: Learning rate of unfrozen towers as a fraction of `lr`.
         weight_decay: AdamW weight decay (not on norms, biases, embeddings).
@@ -143,6 +145,7 @@ class CrossEncoder(LightningModule):
         bce_pos_weight: float | None = None,
         first_stage_residual: bool = True,
         contrastive_weight: float = 0.0,
+        mask_shared_captions: bool = True,
         lr: float = 3e-4,
         tower_lr_scale: float = 0.1,
         weight_decay: float = 0.05,
@@ -409,11 +412,9 @@ class CrossEncoder(LightningModule):
                     text_keys=batch["perturbed_key"].to(image_emb.device),
                     row_text_keys=batch["caption_keys"].to(image_emb.device),
                 )
-            caption_keys = None
-            if "text_key" in batch and "caption_keys" in batch:  # captions describing another row's image too
-                caption_keys = CaptionKeys(
-                    batch["text_key"].to(image_emb.device), batch["caption_keys"].to(image_emb.device)
-                )
+            caption_keys = None  # captions that describe another row's image too are not its negatives
+            if self.hparams.get("mask_shared_captions", True):
+                caption_keys = CaptionKeys.from_batch(batch, image_emb.device)
             contrastive = self.contrastive(
                 image_emb,
                 text_emb,

@@ -239,12 +239,9 @@ class DualEncoder(LightningModule):
 
     def caption_keys(self, batch: dict) -> CaptionKeys | None:
         """The batch's `CaptionKeys` (which captions describe which of its images), when it carries them."""
-        if (
-            not self.hparams.get("mask_shared_captions", True)
-            or not {"text_key", "caption_keys"} <= batch.keys()
-        ):
+        if not self.hparams.get("mask_shared_captions", True):
             return None
-        return CaptionKeys(batch["text_key"].to(self.device), batch["caption_keys"].to(self.device))
+        return CaptionKeys.from_batch(batch, self.device)
 
     def hard_negative_inputs(self, batch: dict) -> list[_NegativeInput]:
         """The hard negatives a batch carries, to encode: perturbed captions, mined captions, mined images."""
