@@ -14,6 +14,7 @@ import torch
 
 from mmret.cli import main
 from mmret.data.datamodule import RetrievalDataModule
+from mmret.errors import UsageError
 from mmret.training import DualEncoder
 from mmret.training.dual_encoder import group_text_queries, warmup_cosine
 from tests.fit_args import DUAL_ENCODER, fit_argv
@@ -62,6 +63,45 @@ def fit_steps(model: DualEncoder, batches: list[dict], **trainer_kwargs) -> L.Tr
     loader = torch.utils.data.DataLoader(BatchList(batches), batch_size=None)
     trainer.fit(model, train_dataloaders=loader)
     return trainer
+
+
+def test_warmup_stable_decay_schedule():
+    from mmret.training.schedule import warmup_stable_decay
+
+    values = [warmup_stable_decay(step, 10, 100, 0.0, 0.2) for step in range(101)]
+    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
+    assert values[10:80] == [1.0] * 70  # stable: the peak holds until the last 20 steps
+    assert values[90] == pytest.approx(0.5) and values[100] == pytest.approx(0.0)
+    assert all(a >= b for a, b in zip(values[80:], values[81:]))  # decays monotonically
+    assert warmup_stable_decay(100, 10, 100, 0.1, 0.2) == pytest.approx(0.1)
+    assert warmup_stable_decay(5, 10, 12, 0.0, 0.9) == pytest.approx(0.6)  # decay never starts inside warmup
+
+
+def test_lr_schedule_option_reaches_the_optimizer(tmp_path):
+    """`model.lr_schedule: wsd` holds the peak lr through the stable phase of a real fit; cosine does not."""
+    from tests.shard_fixtures import write_shards
+
+    data_dir = write_shards(tmp_path / "toy", num_samples=48, samples_per_shard=48)
+    lrs = {}
+    for schedule in ("cosine", "wsd"):
+        torch.manual_seed(0)
+        model = DualEncoder(model="test-vit-micro", lr=1e-3, warmup_steps=2, lr_schedule=schedule)
+        seen = []
+        model.on_train_batch_start = lambda batch, idx, m=model, s=seen: s.append(
+            m.optimizers().param_groups[0]["lr"]
+        )
+        trainer = L.Trainer(
+            accelerator="cpu", max_steps=10, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        )  # fmt: skip
+        data = RetrievalDataModule(train=str(data_dir), batch_size=4, num_workers=0, image_size=32)
+        trainer.fit(model, datamodule=data)
+        lrs[schedule] = seen
+    assert lrs["wsd"][2:8] == pytest.approx([1e-3] * 6)
+    assert lrs["cosine"][5] < 0.8e-3
+    assert lrs["wsd"][8:] == pytest.approx([1e-3, 0.5e-3])  # the last 20 % of the steps decay
+    with pytest.raises(UsageError, match="lr_schedule"):
+        DualEncoder(model="test-vit-micro", lr_schedule="step")
 
 
 def test_warmup_cosine_schedule():
@@ -142,7 +182,6 @@ def test_accumulate_grad_batches_is_a_clear_configuration_error(tmp_path, capsys
 
 
 def test_unknown_loss_is_rejected():
-    from mmret.errors import UsageError
 
     with pytest.raises(UsageError, match="infonce"):
         DualEncoder(model="test-vit-micro", loss="triplet")

@@ -52,7 +52,7 @@ from mmret.models import (
 )
 from mmret.training.checkpoint_io import hyperparameters_for, read_checkpoint
 from mmret.training.gradcache import lightning_gradcache_backward
-from mmret.training.schedule import warmup_cosine
+from mmret.training.schedule import warmup_cosine, warmup_stable_decay
 
 
 @dataclass
@@ -79,8 +79,12 @@ class DualEncoder(LightningModule):
         weight_decay: AdamW weight decay; never applied to norms, biases, embeddings and the temperature/bias.
         betas: AdamW betas.
         eps: AdamW epsilon.
-        warmup_steps: Linear warmup steps, then cosine decay to `min_lr_ratio × lr` at the last step.
+        warmup_steps: Linear warmup steps, then the `lr_schedule` down to `min_lr_ratio × lr` at the last step.
         min_lr_ratio: Final learning rate as a fraction of `lr`.
+        lr_schedule: After warmup, "cosine" (decay over all remaining steps, CLIP's) or "wsd" (hold `lr`, then
+            decay linearly over the last `decay_fraction` of the steps;
+            `mmret.training.schedule.warmup_stable_decay`).
+        decay_fraction: "wsd" only: the fraction of all steps spent decaying.
         init_logit_scale: Initial temperature as exp(logit_scale) = this value (None: the model's own, 1/0.07
             for CLIP, 10 for SigLIP).
         max_logit_scale: exp(logit_scale) is clamped to [1, this] after every optimizer step.
@@ -120,6 +124,8 @@ class DualEncoder(LightningModule):
         eps: float = 1e-6,
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.0,
+        lr_schedule: Literal["cosine", "wsd"] = "cosine",
+        decay_fraction: float = 0.2,
         init_logit_scale: float | None = None,
         max_logit_scale: float = 100.0,
         init_logit_bias: float | None = None,
@@ -146,6 +152,10 @@ class DualEncoder(LightningModule):
             )
         if max_logit_scale < 1:
             raise UsageError(f"model.max_logit_scale is {max_logit_scale}; expected a value >= 1")
+        if lr_schedule not in ("cosine", "wsd"):
+            raise UsageError(f"model.lr_schedule is {lr_schedule!r}; expected 'cosine' or 'wsd'")
+        if not 0.0 < decay_fraction <= 1.0:
+            raise UsageError(f"model.decay_fraction is {decay_fraction}; expected a number in (0, 1]")
         self.save_hyperparameters()
         overrides = {}
         if init_logit_scale is not None:
@@ -368,9 +378,13 @@ class DualEncoder(LightningModule):
         )
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = min(self.hparams.warmup_steps, total_steps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, warmup, total_steps, self.hparams.min_lr_ratio)
-        )
+        min_ratio = self.hparams.min_lr_ratio
+        if self.hparams.get("lr_schedule", "cosine") == "wsd":
+            decay = self.hparams.decay_fraction
+            multiplier = lambda step: warmup_stable_decay(step, warmup, total_steps, min_ratio, decay)  # noqa: E731
+        else:
+            multiplier = lambda step: warmup_cosine(step, warmup, total_steps, min_ratio)  # noqa: E731
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---- checkpoints ----------------------------------------------------------------------------------------

@@ -11,3 +11,19 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_stable_decay(
+    step: int, warmup_steps: int, total_steps: int, min_ratio: float, decay_fraction: float
+) -> float:
+    """LR multiplier: linear warmup over `warmup_steps`, then 1 until the last `decay_fraction` of
+    `total_steps`, which decay linearly to `min_ratio` (warmup-stable-decay, "WSD": the peak rate holds for
+    most of training instead of falling from the start)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = max(1, round(decay_fraction * total_steps))
+    decay_start = max(warmup_steps, total_steps - decay_steps)
+    if step < decay_start:
+        return 1.0
+    progress = min(1.0, (step - decay_start) / max(1, total_steps - decay_start))
+    return min_ratio + (1.0 - min_ratio) * (1.0 - progress)
