@@ -6,13 +6,15 @@ Every ```bash block of the "A 5-minute tour" section (the tour and "Bring your o
 in a temporary folder that holds the repository's experiments/ and slurm/ (links), as a user would run them
 from the repository root with the environment active: `mmret ...` through the console script's `main` in this
 process, `python ...` as a subprocess on this interpreter's PATH, `sbatch ...` against a real local SLURM
-cluster (tests/slurm_cluster.py), after which the job must complete. The only things the test adds are the
+cluster (tests/slurm_cluster.py), after which the job must complete; a line ending in `&` (`mmret serve`) starts
+the console script as a background process, stopped at the end, and `curl` runs as a subprocess against it. The only things the test adds are the
 raw inputs that "Bring your own data" converts (a folder of images, a CSV, an img2dataset output).
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import shlex
@@ -62,11 +64,21 @@ def test_tour_covers_the_demo_steps_and_the_scale_out_commands():
         ["mmret", "table"],
         ["mmret", "sweep"],
         ["mmret", "shards"],
+        ["mmret", "index"],
+        ["mmret", "search"],
+        ["mmret", "serve"],
+        ["curl", "-s"],
     ):
         assert expected in programs, f"the tour has no `{' '.join(expected)}`"
     assert any(command.startswith("sbatch slurm/train.sbatch ") for command in COMMANDS)
     assert any("--reranker" in command for command in COMMANDS)
-    assert {words[0] for words in programs} <= {"mmret", "python", "sbatch"}  # each one has a runner below
+    assert {words[0] for words in programs} <= {
+        "mmret",
+        "python",
+        "sbatch",
+        "curl",
+    }  # each has a runner below
+    assert all(not command.endswith("&") or command.startswith("mmret serve ") for command in COMMANDS)
 
 
 def write_raw_pairs(workdir: Path) -> None:
@@ -129,34 +141,16 @@ def test_every_tour_command_runs_as_written(tmp_path, tour_cluster, monkeypatch,
     monkeypatch.setenv(RUN_DIR_ENV, "")  # recorded, so the teardown restores whatever was there before
 
     seconds = {}
-    for command in COMMANDS:
-        started = time.monotonic()
-        words = shlex.split(command)
-        os.environ.pop(
-            RUN_DIR_ENV, None
-        )  # each command starts afresh, as in a shell (`fit` exports its run dir)
-        if words[0] == "mmret":
-            assert main(words[1:]) == 0, f"failed: {command}"
-        elif words[0] == "python":
-            done = subprocess.run(words, capture_output=True, text=True, timeout=300)
-            assert done.returncode == 0, f"failed: {command}\n{done.stderr[-3000:]}"
-        else:  # sbatch: submit, then the job must finish its training run
-            done = subprocess.run(
-                words,
-                capture_output=True,
-                text=True,
-                timeout=60,
-                env={**tour_cluster.env, "PATH": path, "OMP_NUM_THREADS": "1"},
-            )
-            assert done.returncode == 0, f"failed: {command}\n{done.stderr}"
-            job_id = re.search(r"Submitted batch job (\d+)", done.stdout).group(1)
-            state = tour_cluster.wait_for(
-                job_id, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=300
-            )
-            log = workdir / f"slurm-mmret-{job_id}.out"
-            assert state == "COMPLETED", log.read_text()[-4000:] if log.exists() else state
-            assert (workdir / "runs" / "slurm" / f"mmret-{job_id}" / "checkpoints" / "last.ckpt").is_file()
-        seconds[command] = time.monotonic() - started
+    background: list[subprocess.Popen] = []  # `mmret serve ... &`: a service the next commands talk to
+    try:
+        for command in COMMANDS:
+            started = time.monotonic()
+            run_tour_command(command, workdir, path, tour_cluster, background)
+            seconds[command] = time.monotonic() - started
+    finally:
+        for process in background:
+            process.terminate()
+            process.wait(timeout=30)
     print("\n".join(f"{value:6.1f} s  {command}" for command, value in seconds.items()))  # shown with -s
 
     for name in ("digits", "shapes"):
@@ -164,6 +158,41 @@ def test_every_tour_command_runs_as_written(tmp_path, tour_cluster, monkeypatch,
     for run in ("digits", "shapes", "reranker"):
         assert (workdir / "runs" / "tour" / run / "results.json").is_file()
     assert (workdir / "runs" / "tour" / "exported" / "open_clip_config.json").is_file()
+    assert (workdir / "runs" / "tour" / "search.png").is_file()
     for shards in ("photos", "pairs", "web"):
         assert (workdir / "data" / shards / "dataset.json").is_file()
     assert (workdir / "runs" / "pairs" / "checkpoints" / "last.ckpt").is_file()
+
+
+def run_tour_command(command: str, workdir: Path, path: str, tour_cluster, background: list) -> None:
+    """One tour line as a shell would run it (see the module docstring)."""
+    words = shlex.split(command)
+    os.environ.pop(RUN_DIR_ENV, None)  # each command starts afresh, as in a shell (`fit` exports its run dir)
+    if words[-1] == "&":  # a service left running: the console script in a process of its own
+        background.append(subprocess.Popen(words[:-1], env={**os.environ, "PATH": path}, cwd=workdir))
+        return
+    if words[0] == "curl":
+        done = subprocess.run(words, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, f"failed: {command}\n{done.stderr}"
+        answer = json.loads(done.stdout)
+        assert len(answer["results"]) == 3 and all(r["reranker_score"] is not None for r in answer["results"])
+        return
+    if words[0] == "mmret":
+        assert main(words[1:]) == 0, f"failed: {command}"
+    elif words[0] == "python":
+        done = subprocess.run(words, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, f"failed: {command}\n{done.stderr[-3000:]}"
+    else:  # sbatch: submit, then the job must finish its training run
+        done = subprocess.run(
+            words,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**tour_cluster.env, "PATH": path, "OMP_NUM_THREADS": "1"},
+        )
+        assert done.returncode == 0, f"failed: {command}\n{done.stderr}"
+        job_id = re.search(r"Submitted batch job (\d+)", done.stdout).group(1)
+        state = tour_cluster.wait_for(job_id, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=300)
+        log = workdir / f"slurm-mmret-{job_id}.out"
+        assert state == "COMPLETED", log.read_text()[-4000:] if log.exists() else state
+        assert (workdir / "runs" / "slurm" / f"mmret-{job_id}" / "checkpoints" / "last.ckpt").is_file()

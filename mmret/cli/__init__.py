@@ -31,6 +31,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("mmret.cli.demo", "run the whole pipeline on the built-in offline data"),
     "sweep": ("mmret.cli.sweep", "expand a sweep (grid x seeds) into a SLURM job array and submit it"),
     "table": ("mmret.cli.table", "paper table (markdown / LaTeX) from results files, mean ± std over seeds"),
+    "serve": ("mmret.cli.serve", "HTTP search service and web page over an index"),
+    "index": ("mmret.cli.index", "embed a shard set with a dual encoder into a search index (LanceDB)"),
+    "search": ("mmret.cli.search", "search an index with text or an image, optionally reranked"),
 }
 
 

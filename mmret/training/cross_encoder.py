@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -502,6 +503,33 @@ class CrossEncoder(LightningModule):
         hparams.update(model=checkpoint["mmret"]["model"], pretrained=None, dual_encoder=None)
         module = cls(**hparams)
         module.load_state_dict(checkpoint["state_dict"])
+        return module.to(device).eval()
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> CrossEncoder:
+        """A reranker from a checkpoint (`from_checkpoint`) or from a folder written by `mmret export`
+        (`reranker_config.json` + `reranker_model.safetensors`), in eval mode on `device`."""
+        import json
+
+        folder = Path(path)
+        if not folder.is_dir():
+            return cls.from_checkpoint(path, device)
+        config_path, weights_path = folder / "reranker_config.json", folder / "reranker_model.safetensors"
+        if not config_path.is_file() or not weights_path.is_file():
+            raise UsageError(
+                f"reranker {path} is a folder without reranker_config.json and reranker_model.safetensors; "
+                "expected a reranker .ckpt or a folder written by `mmret export`"
+            )
+        from safetensors.torch import load_file
+
+        try:
+            config = json.loads(config_path.read_text())
+            hparams = dict(config["init_args"])
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise UsageError(f"reranker config {config_path} is unreadable ({error}); re-export it") from None
+        hparams.update(pretrained=None, dual_encoder=None)
+        module = cls(**hparams)
+        module.load_state_dict(load_file(str(weights_path)))
         return module.to(device).eval()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
