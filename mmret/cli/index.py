@@ -44,7 +44,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--approximate-above",
         type=int,
         default=None,
-        help="build an IVF-PQ index once a table holds this many rows (default 100000); below, exact search",
+        help="build an IVF-PQ index once a table holds this many rows (default 50000); below, exact search",
     )
 
 

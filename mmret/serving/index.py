@@ -39,7 +39,7 @@ from mmret.serving.store import AnnSettings, VectorStore
 
 IMAGES, CAPTIONS = "images", "captions"
 FORMAT_VERSION = 1
-DEFAULT_APPROXIMATE_ABOVE = 100_000
+DEFAULT_APPROXIMATE_ABOVE = 50_000
 # Fixed inputs whose embeddings identify a model's embedding space (the index's fingerprint).
 PROBE_TEXTS = ("a photo", "a red circle left of a blue square", "mmret index fingerprint")
 FINGERPRINT_TOLERANCE = 1e-3

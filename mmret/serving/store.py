@@ -6,11 +6,11 @@
     store.add("images", table)                                   # a pyarrow table with a `vector` column
     hits = store.search("images", queries, k=10)                 # [Q] lists of (row, score), best first
 
-Why LanceDB (measured, README "Search"): in-process like SQLite (no server process to start or lose), appends
-in a fraction of a second, IVF-PQ and HNSW indexes, exact (flat) search when a table has no index, and a
-columnar table that holds each vector's metadata beside it. Milvus Lite, the other embedded candidate, runs a
-server subprocess, answered a single query in about a second where LanceDB took milliseconds on the same
-100,000 vectors, and offers no IVF-PQ.
+Why LanceDB (measured, README "Search"): in-process like SQLite, appends in a fraction of a second, IVF-PQ
+(compressed) and HNSW indexes, exact (flat) search when a table has no index, and a columnar table that holds each
+vector's metadata beside it. Milvus Lite, the other embedded candidate, offers no IVF-PQ (its vectors stay
+uncompressed: twice the disk) and answered single queries about eight times slower on the same vectors
+(experiments/benchmarks/search.py --compare-milvus).
 
 Scores are inner products of L2-normalised vectors (cosine similarity), exactly what `mmret eval` ranks by.
 Tables with fewer rows than `approximate_above` are searched exactly (every row scored); above it `mmret index`
