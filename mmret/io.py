@@ -9,16 +9,23 @@
     with atomic_file(path, binary=True) as handle:   # for writers that want a handle (torch.save, savefig)
         torch.save(state, handle)
 
-Files are written to a hidden temporary sibling (`.NAME.<pid>-<random>.tmp`), flushed and fsynced, then renamed
-over the target, so a reader (or a kill at any moment) sees the old file or the new one. They are created with
-the user's umask, like any file `open()` makes (0644 under umask 022): exports, checkpoints and results are
-meant to be read by others. A temporary left by a SIGKILL matches `TEMPORARY_GLOB` and is removed by the next
-writer that cares (the fit command does it for the checkpoint folder).
+Files are written to a hidden temporary sibling (`.NAME.<host>-<pid>-<random>.tmp`), flushed and fsynced, then
+renamed over the target, so a reader (or a kill at any moment) sees the old file or the new one. They are created
+with the user's umask, like any file `open()` makes (0644 under umask 022): exports, checkpoints and results are
+meant to be read by others.
+
+Leftovers: a writer killed with SIGKILL (or a machine that lost power) leaves its temporary behind. Each one
+names its writer (host and PID), so the next writer of the same NAME removes those of writers that are dead:
+same host, and `os.kill(pid, 0)` says the process is gone (`remove_dead_leftovers`). A live writer's temporary,
+one written on another host (a shared file system: its PID means nothing here) and a name without a host (an
+older mmret) are left alone. `atomic_file` does it for `.NAME.*.tmp`, `atomic_output_dir` for `.NAME.partial-*`
+folders (and `.NAME.old-*`, an output being replaced, once NAME exists again). All match `TEMPORARY_GLOB` or
+`.*.partial-*`; the fit command also clears the checkpoint folder's temporaries on start.
 
 Folders (`atomic_output_dir`):
-- target missing: a hidden sibling `.NAME.partial-*` that is renamed to the target at the end (so readers,
-  or a second process building the same data, never see half a dataset); parent folders created for it are
-  removed again on failure;
+- target missing: a hidden sibling `.NAME.partial-<host>-<pid>-<random>` that is renamed to the target at the
+  end (so readers, or a second process building the same data, never see half a dataset); parent folders
+  created for it are removed again on failure;
 - target an empty folder: in place (files written under temporary names by the caller, renamed when whole);
   on failure its contents are removed and the empty folder stays as it was;
 - target non-empty and `overwrite`: a hidden sibling, swapped in at the end; the old output is deleted only
@@ -28,8 +35,11 @@ Folders (`atomic_output_dir`):
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
+import socket
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,11 +49,63 @@ from typing import IO, Any
 from mmret.errors import UsageError
 
 TEMPORARY_GLOB = ".*.tmp"
+log = logging.getLogger("mmret.io")
+# This machine, as it appears in the names of temporaries (no path separators; `-` separates the PID).
+HOST = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname()) or "localhost"
+# What follows `.NAME.` in the name of a temporary: a file, a folder being written, an output being replaced.
+_LEFTOVER = re.compile(
+    r"(?:(?P<kind>partial|old)-(?P<dir_host>.+)-(?P<dir_pid>\d+)-[0-9a-f]{8})"
+    r"|(?:(?P<file_host>.+)-(?P<file_pid>\d+)-[0-9a-f]{8}\.tmp)"
+)
+
+
+def _writer_tag() -> str:
+    return f"{HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 def temporary_sibling(path: Path, kind: str = "tmp") -> Path:
-    """A hidden, unique name beside `path` for writing it (`.NAME.<pid>-<random>.<kind>`)."""
-    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.{kind}")
+    """A hidden, unique name beside `path` for writing it (`.NAME.<host>-<pid>-<random>.<kind>`)."""
+    return path.with_name(f".{path.name}.{_writer_tag()}.{kind}")
+
+
+def writer_is_dead(host: str, pid: int) -> bool:
+    """True only when the process `pid` on `host` is known to be gone: `host` is this machine and
+    `os.kill(pid, 0)` finds no such process. A live process (also another user's), this process, another
+    host: False."""
+    if host != HOST or pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # PermissionError: alive, someone else's
+        return False
+    return False
+
+
+def remove_dead_leftovers(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries beside `path` (`.NAME.<host>-<pid>-*.tmp`, `.NAME.partial-<host>-<pid>-*`, and
+    `.NAME.old-<host>-<pid>-*` while NAME exists) whose writers are dead (`writer_is_dead`); returns them."""
+    path = Path(path)
+    prefix = f".{path.name}."
+    removed: list[Path] = []
+    try:
+        entries = [entry.name for entry in os.scandir(path.parent) if entry.name.startswith(prefix)]
+    except OSError:  # no parent yet, or not readable: nothing of ours there
+        return removed
+    for name in entries:
+        match = _LEFTOVER.fullmatch(name[len(prefix) :])
+        if match is None:
+            continue
+        host, pid = match["dir_host"] or match["file_host"], int(match["dir_pid"] or match["file_pid"])
+        if match["kind"] == "old" and not path.exists():
+            continue  # the writer died between its two renames: this is the only copy of the old output
+        if writer_is_dead(host, pid):
+            leftover = path.parent / name
+            _remove(leftover)
+            removed.append(leftover)
+            log.info("removed %s, left by process %d on %s, which is gone", leftover, pid, host)
+    return removed
 
 
 @contextmanager
@@ -54,6 +116,8 @@ def atomic_file(path: str | os.PathLike, binary: bool = False) -> Iterator[IO[An
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if ".partial-" not in path.parent.name:  # a work folder of atomic_output_dir is new: nothing stale there
+        remove_dead_leftovers(path)
     tmp = temporary_sibling(path)
     try:
         # "x": a new file with mode 0666 & ~umask (tempfile.mkstemp would make it 0600 whatever the umask).
@@ -156,6 +220,7 @@ def atomic_output_dir(target: str | Path, overwrite: bool = False) -> Iterator[P
             someone else while we worked raises FileExistsError (and ours is discarded).
     """
     target = Path(target)
+    remove_dead_leftovers(target)
     if target.is_dir() and not any(target.iterdir()):
         try:
             yield target
@@ -172,14 +237,14 @@ def atomic_output_dir(target: str | Path, overwrite: bool = False) -> Iterator[P
         parent = parent.parent
     target.parent.mkdir(parents=True, exist_ok=True)
     # os.mkdir (not tempfile.mkdtemp) so the folder gets the user's umask, not 0700, once renamed.
-    work = target.with_name(f".{target.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    work = target.with_name(f".{target.name}.partial-{_writer_tag()}")
     work.mkdir()
     try:
         yield work
         if target.is_file() or (target.is_dir() and any(target.iterdir())):
             if not overwrite:
                 raise FileExistsError(f"{target} was created by someone else while this output was written")
-            old = target.with_name(f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+            old = target.with_name(f".{target.name}.old-{_writer_tag()}")
             os.rename(target, old)
             try:
                 os.rename(work, target)

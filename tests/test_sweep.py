@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 from pathlib import Path
 
@@ -127,11 +128,13 @@ def printed_config(fit_args: list[str], capsys) -> dict:
     option it does not know exits non-zero: that SystemExit propagates."""
     capsys.readouterr()
     try:
-        main(["fit", *fit_args, "--print_config"])
+        code = main(["fit", *fit_args, "--print_config"])
     except SystemExit as exit_:
         if exit_.code not in (0, None):
             raise
     else:
+        if code:  # a refused option: one line and exit code 2 from `mmret fit` itself
+            raise SystemExit(code)
         pytest.fail("`mmret fit --print_config` returned instead of exiting")
     return yaml.safe_load(capsys.readouterr().out)
 
@@ -197,3 +200,89 @@ def test_a_misspelt_grid_key_fails_the_parser_check(tmp_path, monkeypatch, capsy
         check_points_parse(sweep, tmp_path, capsys)
     assert exit_.value.code == 2
     assert "lossy" in capsys.readouterr().err
+
+
+# ---- issue 21: checked before anything is written or submitted; a failed submission leaves nothing behind
+
+
+def misspelt_sweep(tmp_path: Path, old: str, new: str) -> Path:
+    text = shipped_path("experiments/sweeps/digits_loss_batch.yaml").read_text()
+    assert old in text
+    path = tmp_path / "bad_sweep.yaml"
+    path.write_text(text.replace(old, new).replace("runs_root: runs/sweeps", "runs_root: out"))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        (
+            "\n  model.init_args.loss: ",
+            "\n  model.init_args.lossy: ",
+            "grid key model.init_args.lossy = infonce is refused by the config of",
+        ),
+        ("[16, 64, 256]", "[16, 64, lots]", "grid key data.init_args.batch_size = lots is refused"),
+        ("[infonce, siglip]", "[infonce, sigmoid]", "grid key model.init_args.loss = sigmoid is refused"),
+        ("{trainer.strategy: ddp}", "{trainer.max_epochz: 3}", "the experiment with `overrides` and seed 0"),
+        ("data.init_args.seed]", "data.init_args.sed]", "the experiment with `overrides` and seed 0"),
+    ],
+    ids=["misspelt-key", "wrong-type", "not-a-choice", "bad-override", "bad-seed-key"],
+)
+def test_dry_run_refuses_what_fit_would_refuse_in_one_line(tmp_path, monkeypatch, capsys, old, new, message):
+    monkeypatch.chdir(tmp_path)
+    path = misspelt_sweep(tmp_path, old, new)
+    assert main(["sweep", str(path), "--dry-run"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # refused before a single point is printed
+    assert message in captured.err and "experiments/digits_clip.yaml" in captured.err
+    assert captured.err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def fake_sbatch(tmp_path: Path, monkeypatch, script: str) -> None:
+    """An `sbatch` first on PATH that runs `script` (a shell snippet)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f"#!/bin/sh\n{script}\n")
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+
+
+def test_a_failed_submission_removes_what_it_wrote(sweep_file, tmp_path, monkeypatch, capsys):
+    fake_sbatch(tmp_path, monkeypatch, 'echo "sbatch: error: invalid partition specified: gpu" >&2\nexit 1')
+    assert main(["sweep", str(sweep_file)]) == 2
+    err = capsys.readouterr().err
+    assert "sbatch failed" in err and "invalid partition specified: gpu" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()  # no run_dirs.txt, no sweep_args, no empty run directories
+
+
+def test_a_failed_resubmission_keeps_the_earlier_runs(sweep_file, tmp_path, monkeypatch, capsys):
+    sweep = load_sweep(sweep_file)
+    write_point_files(sweep)  # an earlier submission: its runs have started
+    first = sweep.points()[0].run_dir
+    (first / "checkpoints").mkdir()
+    (first / "checkpoints" / "last.ckpt").write_bytes(b"weights")
+    (first / "sweep_args").write_bytes(b"earlier\0")
+    before = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "out").rglob("*"))
+    fake_sbatch(tmp_path, monkeypatch, "exit 3")
+    assert main(["sweep", str(sweep_file)]) == 2
+    assert "sbatch failed" in capsys.readouterr().err
+    assert sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "out").rglob("*")) == before
+    assert (first / "sweep_args").read_bytes() == b"earlier\0"
+    assert (first / "checkpoints" / "last.ckpt").read_bytes() == b"weights"
+
+
+def test_sbatch_not_found_removes_what_it_wrote(sweep_file, tmp_path, monkeypatch, capsys):
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert main(["sweep", str(sweep_file)]) == 2
+    assert "sbatch was not found" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_submission_keeps_its_point_files(sweep_file, tmp_path, monkeypatch, capsys):
+    fake_sbatch(tmp_path, monkeypatch, 'echo "Submitted batch job 42"')
+    assert main(["sweep", str(sweep_file)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "Submitted batch job 42"
+    run_dirs = (tmp_path / "out/tiny/run_dirs.txt").read_text().splitlines()
+    assert len(run_dirs) == 8 and all((Path(d) / "sweep_args").is_file() for d in run_dirs)

@@ -131,13 +131,120 @@ def test_files_on_command_line_group_seeds_into_rows(results_dir, capsys):
     assert out[3] == "| siglip | 45.00 | **65.00** |"
 
 
-def test_default_columns_add_acc1_only_when_every_file_has_it(results_dir, capsys):
+def test_default_columns_keep_acc1_when_some_files_have_it(results_dir, capsys):
     infonce = sorted(str(p) for p in Path("runs/infonce").glob("*/results.json"))
     assert main(["table", *infonce]) == 0
     header = capsys.readouterr().out.splitlines()[0]
     assert header == "|  | T→I R@1 | T→I R@5 | I→T R@1 | I→T R@5 | acc1 |"
     assert main(["table", *infonce, "runs/siglip/results.json"]) == 0
-    assert "acc1" not in capsys.readouterr().out.splitlines()[0]
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("| acc1 |")  # not dropped because siglip has no acc1
+    assert lines[2].endswith("| **90.0 ± 0.0** |") and lines[3].endswith("| – |")
+
+
+def write_eval_results(
+    path: Path, data: str, task: str, seed: int, acc1: float | None, loss: str = "infonce"
+):
+    """A results file as `mmret eval` writes it (data, task, config of the checkpoint and the evaluation)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metrics = {m: 0.5 + seed / 10 for m in ("image_retrieval_recall@1", "image_retrieval_recall@5")}
+    metrics |= {m: 0.4 for m in ("text_retrieval_recall@1", "text_retrieval_recall@5")}
+    if acc1 is not None:
+        metrics["acc1"] = acc1
+    hyper = {"model": "test-vit-tiny", "loss": loss, "lr": 5e-4}
+    evaluation = {"task": "auto", "split": "test", "batch_size": 64 * (seed + 1), "device": "cpu"}
+    document = {
+        "task": task,
+        "model": f"runs/x/seed{seed}/checkpoints/last.ckpt",
+        "data": data,
+        "num_images": 10,
+        "num_texts": 10,
+        "metrics": metrics,
+        "top_k": None,
+        "config": {"model": hyper, "eval": evaluation},
+    }
+    path.write_text(json.dumps(document))
+    return str(path)
+
+
+def test_digits_and_shapes_results_never_share_a_row(tmp_path, monkeypatch, capsys):
+    """Issue 21: a digits zero-shot and a shapes retrieval result from one folder made one row "mean ± std over
+    2 seeds" and dropped the acc1 column."""
+    monkeypatch.chdir(tmp_path)
+    digits = write_eval_results(Path("results/digits.json"), "data/digits/test", "zeroshot", 0, acc1=0.9)
+    shapes = write_eval_results(Path("results/shapes.json"), "data/shapes/test", "retrieval", 1, acc1=None)
+    assert main(["table", digits, shapes]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "|  | T→I R@1 | T→I R@5 | I→T R@1 | I→T R@5 | acc1 |"
+    assert lines[2].startswith("| digits | 50.0 |") and lines[2].endswith("| **90.0** |")
+    assert lines[3].startswith("| shapes | **60.0** |") and lines[3].endswith("| – |")
+    assert len(lines) == 4 and "seeds" not in "".join(lines)  # two rows of one run each, no seed note
+    # the same two results as two "seeds" of one run directory: still two rows, named by what differs
+    digits = write_eval_results(
+        Path("runs/x/seed0/results.json"), "data/digits/test", "zeroshot", 0, acc1=0.9
+    )
+    shapes = write_eval_results(
+        Path("runs/x/seed1/results.json"), "data/shapes/test", "retrieval", 1, acc1=None
+    )
+    assert main(["table", digits, shapes, "--metrics", "image_retrieval_recall@1"]) == 0
+    assert capsys.readouterr().out.splitlines()[2:] == [
+        "| x [data/digits/test, zeroshot] | 50.0 |",
+        "| x [data/shapes/test, retrieval] | **60.0** |",
+    ]
+
+
+def test_runs_that_differ_by_more_than_the_seed_are_not_averaged(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    files = [
+        write_eval_results(
+            Path(f"runs/x/seed{seed}/results.json"), "data/digits/test", "zeroshot", seed, 0.9, loss
+        )
+        for seed, loss in [(0, "infonce"), (1, "infonce"), (2, "siglip")]
+    ]
+    assert main(["table", *files, "--metrics", "image_retrieval_recall@1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    # seeds 0 and 1 differ in seed and eval batch size only: averaged; the siglip run is its own row
+    assert out[2:4] == ["| x [loss=infonce] | 55.0 ± 7.1 |", "| x [loss=siglip] | **70.0** |"]
+
+
+def test_group_by_names_the_grouping(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    files = [
+        write_eval_results(
+            Path(f"runs/{data}/seed{seed}/results.json"), f"data/{data}/test", "retrieval", seed, None
+        )
+        for data in ("digits", "shapes")
+        for seed in (0, 1)
+    ]
+    assert main(["table", *files, "--metrics", "image_retrieval_recall@1"]) == 0
+    assert capsys.readouterr().out.splitlines()[2:4] == [
+        "| digits | **55.0 ± 7.1** |",
+        "| shapes | **55.0 ± 7.1** |",
+    ]
+    assert (
+        main(["table", *files, "--metrics", "image_retrieval_recall@1", "--group-by", "task", "model"]) == 0
+    )
+    out = capsys.readouterr().out.splitlines()
+    assert out[2:] == [
+        "| retrieval | **55.0 ± 5.8** |",
+        "",
+        "_mean ± std over 4 runs; best per column in bold._",
+    ]
+
+
+def test_a_spec_row_mixing_data_sets_is_refused_unless_it_names_the_grouping(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    write_eval_results(Path("runs/m/digits/results.json"), "data/digits/test", "retrieval", 0, None)
+    write_eval_results(Path("runs/m/shapes/results.json"), "data/shapes/test", "retrieval", 1, None)
+    row = '{name: m, results: "runs/m/*/results.json"'
+    Path("t.yaml").write_text(f"columns: [image_retrieval_recall@1]\nrows: [{row}}}]\n")
+    assert main(["table", "t.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "row 'm' mixes data sets (data/digits/test and data/shapes/test)" in err and "average_over" in err
+    Path("t.yaml").write_text(f"columns: [image_retrieval_recall@1]\nrows: [{row}, average_over: [data]}}]\n")
+    assert main(["table", "t.yaml"]) == 0
+    assert capsys.readouterr().out.splitlines()[2] == "| m | **55.0 ± 7.1** |"
 
 
 def test_ties_after_rounding_are_all_bold(results_dir, capsys):
@@ -177,6 +284,11 @@ def test_a_row_can_read_the_reranked_metrics_of_the_same_files(results_dir, caps
         (["table", "runs/nothing.json"], "results file runs/nothing.json does not exist"),
         (["table", "runs/siglip/results.json", "--metrics", "acc1"], "has no metrics['acc1']"),
         (["table", "bad.yaml"], "row 'x': no results file matches runs/none/*.json"),
+        (
+            ["table", "runs/siglip/results.json", "--group-by", "dataset"],
+            "--group-by dataset: expected some of",
+        ),
+        (["table", "bad.yaml", "--group-by", "data"], "--group-by is for results files given directly"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(results_dir, capsys, argv, message):

@@ -5,25 +5,60 @@
     mmret fit --help
 
 Every run lives in one directory (`--run_dir`, default `runs/<experiment>/<timestamp>`): see
-`mmret.training.run_dir` for what it holds and how a run resumes; the callbacks every run gets are in
-`mmret.training.callbacks`.
+`mmret.training.run_dir` for what it holds, how it is locked and how a run resumes; the callbacks every run
+gets are in `mmret.training.callbacks`. Bad input (a config error, a `UsageError` from a model or data
+constructor, a directory another fit holds) is a `UsageError`: one line, exit code 2, no run directory left.
 """
 
 from __future__ import annotations
 
+import difflib
+import importlib
+import inspect
 import json
+import logging
 import os
-import sys
+import re
+import signal
+import threading
 import warnings
+from argparse import ArgumentError
 
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from mmret.training.run_dir import RUN_DIR_ENV, choose_run_dir, prepare_run_dir, run_components
+from mmret.errors import UsageError
+from mmret.training.run_dir import (
+    RUN_DIR_ENV,
+    RunDirClaim,
+    SaveConfigOnceValid,
+    choose_run_dir,
+    is_launching_process,
+    prepare_run_dir,
+    run_components,
+)
 
 
 class MMRetCLI(LightningCLI):
-    """LightningCLI with mmret's run directory, checkpointing and resume conventions."""
+    """LightningCLI with mmret's run directory, checkpointing and resume conventions.
+
+    `claims` (a list) receives the RunDirClaim of a fit, for the caller to release whatever happens."""
+
+    def __init__(self, *args, claims: list | None = None, **kwargs) -> None:
+        self.claims = claims if claims is not None else []
+        super().__init__(*args, **kwargs)
+
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            names = {
+                option
+                for sub in [parser, *getattr(self, "_subcommand_parsers", {}).values()]
+                for action in sub._actions
+                for option in action.option_strings
+            }
+            raise UsageError(config_error(str(err), sorted(names))) from None
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
@@ -71,10 +106,15 @@ class MMRetCLI(LightningCLI):
         # Lightning's DDP launcher re-executes this command for the other local ranks: they must agree on it.
         os.environ[RUN_DIR_ENV] = cfg.run_dir
         cfg.trainer.default_root_dir = cfg.run_dir
-        last = prepare_run_dir(cfg.run_dir)
-        if self.subcommand == "fit" and cfg.get("resume", True) and cfg.get("ckpt_path") is None and last:
+        if self.subcommand != "fit":
+            return
+        owner = is_launching_process()  # global rank 0; the ranks it launches find the directory locked
+        if owner:
+            self.claims.append(RunDirClaim(cfg.run_dir))  # UsageError while another fit holds it
+        resume = bool(cfg.get("resume", True)) and cfg.get("ckpt_path") is None
+        last = prepare_run_dir(cfg.run_dir, owner=owner, resume=resume)
+        if last is not None:
             cfg.ckpt_path = str(last)
-            print(f"mmret: resuming from {last}", file=sys.stderr)
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         cfg = self.config[self.subcommand]
@@ -84,6 +124,7 @@ class MMRetCLI(LightningCLI):
         extra_callbacks, trainer_config["plugins"], loggers = run_components(
             run_dir, self.subcommand == "fit", cfg.checkpoint_every_n_steps,
             trainer_config.get("plugins") or [], trainer_config.get("logger"),
+            claim=self.claims[-1] if self.claims else None,
         )  # fmt: skip
         callbacks += extra_callbacks
         if loggers is not None:
@@ -116,23 +157,129 @@ def _plain_config(cfg) -> dict:
 
 
 def run_lightning_cli(argv: list[str]) -> int:
-    """Run `fit|validate|test` with the given argv (without the program name); returns the exit code."""
+    """Run `fit|validate|test` with the given argv (without the program name); returns the exit code.
+
+    Raises:
+        UsageError: bad input (config, constructor arguments, a run directory in use); nothing is left behind.
+        SystemExit: 3 / 130 / 143 after a fit saved last.ckpt on SIGUSR1 / SIGINT / SIGTERM.
+    """
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    # "Seed set to N" would come before a one-line refusal; the seed is in the run's config.yaml.
+    warnings.filterwarnings("ignore", message="No seed found, seed set to")
+    logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
     # The CLI exports the run dir for the DDP ranks it launches; undo that afterwards, so a later run in this
-    # process (tests, notebooks, the demo) does not silently reuse this run's directory.
+    # process (tests, notebooks, the demo) does not silently reuse this run's directory. Likewise the signal
+    # handlers a fit installs.
     previous = os.environ.get(RUN_DIR_ENV)
+    handlers = {
+        signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+    }
+    claims: list[RunDirClaim] = []
+    succeeded = False
     try:
         MMRetCLI(
             LightningModule,
             LightningDataModule,
             subclass_mode_model=True,
             subclass_mode_data=True,
+            save_config_callback=SaveConfigOnceValid,
             save_config_kwargs={"overwrite": True},
+            parser_kwargs={"exit_on_error": False},
             args=argv,
+            claims=claims,
         )
+        succeeded = True
+    except Exception as err:
+        usage = _usage_error_in(err)
+        if usage is not None and usage is not err:  # e.g. wrapped by jsonargparse while instantiating a class
+            raise usage from None
+        raise
     finally:
+        for claim in claims:
+            claim.release(succeeded)
+        if threading.current_thread() is threading.main_thread():
+            for signum, handler in handlers.items():
+                if handler is not None:
+                    signal.signal(signum, handler)
         if previous is None:
             os.environ.pop(RUN_DIR_ENV, None)
         else:
             os.environ[RUN_DIR_ENV] = previous
     return 0
+
+
+def _usage_error_in(err: BaseException) -> UsageError | None:
+    """The UsageError that caused `err` (itself, or one it wraps), if any."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, UsageError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
+    return None
+
+
+def _type_name(text: str) -> str:
+    return "null" if text == "NoneType" else text.rsplit(".", 1)[-1]
+
+
+def _init_args(class_path: str) -> list[str]:
+    """The init argument names of `class_path` (for "did you mean"); empty when it does not import."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+        return [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "args", "kwargs")]
+    except Exception:  # not importable: the message says so already
+        return []
+
+
+def _did_you_mean(name: str, valid: list[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(name, valid, n=3, cutoff=0.6)
+    return f" (did you mean {' or '.join(prefix + c for c in close)}?)" if close else ""
+
+
+def config_error(message: str, option_names: list[str]) -> str:
+    """jsonargparse's error report (usage, union subtypes, given values: 30-80 lines) as one line naming the
+    key, what was expected and, for a misspelt option, the nearest valid names."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    text = " ".join(lines)
+    unrecognized = re.match(r"unrecognized arguments: (.*)", text)
+    if unrecognized:
+        options = [t.split("=")[0] for t in unrecognized.group(1).split() if t.startswith("-")]
+        parts = [f"unknown option {o}{_did_you_mean(o, option_names)}" for o in options]
+        return "; ".join(parts or [lines[0]]) + "; `mmret fit --help` lists every option"
+    not_accepted = re.search(r"does not accept option '([^']+)'", text)
+    if not_accepted:
+        name = not_accepted.group(1)
+        hint = _did_you_mean(name, [o.lstrip("-") for o in option_names])
+        return f"{name}: no such option{hint}; `mmret fit --help` lists every option"
+    keys = re.findall(r'(?:Parser key|Key) "([^"]+)"', text)
+    key = keys[0] if keys else "config"
+    class_path = re.search(r"Problem with given class_path '([^']+)'", text)
+    if class_path:
+        unknown = re.search(r"Option '([^']+)' is not accepted", text)
+        if unknown:
+            name = unknown.group(1)
+            hint = _did_you_mean(name, _init_args(class_path.group(1)), prefix=f"{key}.")
+            return f"{key}.{name}: {class_path.group(1)} has no option {name!r}{hint}"
+        if len(keys) > 1:
+            key = f"{key}.{keys[1]}"
+        else:
+            index = next(i for i, line in enumerate(lines) if "Problem with given class_path" in line)
+            reason = lines[index + 1] if index + 1 < len(lines) else "cannot be used"
+            return f"{key}: {class_path.group(1)}: {reason}"
+    missing = re.search(r"File does not exist: (\S+)", text)
+    if missing:
+        return f"{key}: file does not exist: {missing.group(1)}"
+    # A nested key's own expectation comes first; the rest belong to the enclosing union (e.g. "or null").
+    expected = [_type_name(t) for t in re.findall(r"Expected a <class '([^']+)'>", text)]
+    got = next((line.split("value:", 1)[1].strip() for line in lines if line.startswith("Got value:")), None)
+    got_inline = re.search(r"Got value: (.*)", text)
+    if class_path and got_inline:
+        expected, got = expected[:1], got_inline.group(1).split(" - ")[0].strip()
+    elif got is None:
+        got = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("Given value:")), None)
+    if expected:
+        given = f", got {got!r}" if got is not None else ""
+        return f"{key}: expected {' or '.join(dict.fromkeys(expected))}{given}"
+    return "\n".join(lines[:4])

@@ -2,6 +2,7 @@
 
     mmret table runs/sweeps/digits_loss_batch/*/seed*/results.json --metrics image_retrieval_recall@1 acc1
     mmret table experiments/tables/digits_loss_batch.yaml --format latex --output table.tex
+    mmret table runs/*/seed*/results.json --group-by model     # one row per model, over data sets and tasks
 
 Table specs, averaging and rendering are `mmret.reporting.tables`.
 """
@@ -13,7 +14,7 @@ import sys
 from pathlib import Path
 
 from mmret.errors import UsageError
-from mmret.reporting.tables import FORMATS, load_table_spec, render, spec_from_files
+from mmret.reporting.tables import FORMATS, IDENTITY_KEYS, load_table_spec, render, spec_from_files
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -21,8 +22,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "inputs",
         nargs="+",
         metavar="SPEC_OR_RESULTS",
-        help="one table spec (experiments/tables/NAME.yaml), or results JSON files (one row per run, "
-        "seed<N> directories averaged)",
+        help="one table spec (experiments/tables/NAME.yaml), or results JSON files: one row per run, "
+        "averaging only runs that differ by seed alone (same path but for seed<N> directories, same data, "
+        "task and model config)",
     )
     parser.add_argument(
         "--format", choices=FORMATS, default="markdown", help="output format (default markdown)"
@@ -33,6 +35,16 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         help="columns when results files are given directly (metric names of the results JSON; prefix "
         "`reranked_metrics.` for the reranked numbers)",
+    )
+    parser.add_argument(
+        "--group-by",
+        nargs="+",
+        metavar="KEY",
+        help="for results files given directly: form rows by these keys only and average over the others "
+        f"(some of {', '.join(IDENTITY_KEYS)}; default all of them: path without seed<N> directories, "
+        "`data`, `task`, and `model` = the model config and evaluation settings). E.g. `--group-by model` "
+        "averages each model over data sets and tasks; without it, results of different data sets or tasks "
+        "never share a row",
     )
     parser.add_argument(
         "--scale", type=float, help="multiply every number by this (default 100, or the spec's)"
@@ -47,9 +59,14 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(
                 "--metrics is for results files given directly; a table spec names its own columns"
             )
+        if args.group_by:
+            raise UsageError(
+                "--group-by is for results files given directly; in a table spec a row names its files "
+                "(and `average_over: [data, task, model]` what it may mix)"
+            )
         spec = load_table_spec(inputs[0])
     else:
-        spec = spec_from_files(inputs, args.metrics)
+        spec = spec_from_files(inputs, args.metrics, args.group_by)
     if args.scale is not None:
         spec.scale = args.scale
     if args.decimals is not None:

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mmret.data.samples import IMAGE_EXTENSIONS, _split_name, stable_sample_id
+from mmret.data.samples import IMAGE_EXTENSIONS, _split_name, sample_id_of
 from mmret.errors import UsageError
 from mmret.io import write_text_atomic
 
@@ -119,15 +119,14 @@ class MinedNegativeStore:
                         entry["image"] = (member.offset_data, member.size)
                     elif extension == "json":
                         try:
-                            entry["id"] = json.loads(archive.extractfile(member).read()).get("id")
-                        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-                            entry["id"] = None
+                            entry["metadata"] = json.loads(archive.extractfile(member).read())
+                        except (json.JSONDecodeError, UnicodeDecodeError):
+                            entry["metadata"] = None
             for key, entry in pending.items():
                 if "image" not in entry:
                     continue
-                sample_id = entry.get("id")
-                if not isinstance(sample_id, int) or isinstance(sample_id, bool):
-                    sample_id = stable_sample_id(shard_name, key)
+                metadata = entry.get("metadata")
+                sample_id = sample_id_of(metadata if isinstance(metadata, dict) else {}, shard_name, key)
                 index[sample_id] = (shard_number, *entry["image"])
         return index
 

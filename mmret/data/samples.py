@@ -81,6 +81,25 @@ def stable_sample_id(shard_name: str, key: str) -> int:
     return int.from_bytes(digest, "big") >> 1
 
 
+def sample_id_of(metadata: Mapping[str, Any], shard_name: str, key: str) -> int:
+    """The identity of a sample, unique across shard sets.
+
+    A shard set written by mmret numbers its samples (`id` in KEY.json) and names its id space (`id_space`: a
+    hash of the set's name, seed and source, in every sample's metadata and in dataset.json); the identity is
+    a 63-bit hash of the two, so the shards of two sets merged into one folder never share an id. An `id`
+    without an id space (shards of older mmret versions, or other tools') is used as it is; without an `id`,
+    the identity is a hash of the shard's file name and the key.
+    """
+    sample_id = metadata.get("id")
+    if not isinstance(sample_id, int) or isinstance(sample_id, bool):
+        return stable_sample_id(shard_name, key)
+    space = metadata.get("id_space")
+    if not isinstance(space, str) or not space:
+        return sample_id
+    digest = hashlib.blake2b(f"{space}#{sample_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
 def _split_name(name: str) -> tuple[str, str] | None:
     """'dir/abc.seg.jpg' -> ('dir/abc', 'seg.jpg'): the key runs to the first dot of the base name."""
     directory, base = os.path.split(name)
@@ -90,11 +109,30 @@ def _split_name(name: str) -> tuple[str, str] | None:
     return (f"{directory}/{stem}" if directory else stem), extension.lower()
 
 
+_END_SEEN = "_mmret_end_of_archive"
+
+
+class _EndAwareTarInfo(tarfile.TarInfo):
+    """Marks the archive when its end-of-archive block (512 zero bytes) is read: tarfile ends iteration the
+    same way at that block and at a file that simply stops, and only the first is a complete tar."""
+
+    @classmethod
+    def fromtarfile(cls, tarfile_):
+        try:
+            return super().fromtarfile(tarfile_)
+        except tarfile.EOFHeaderError:
+            setattr(tarfile_, _END_SEEN, True)
+            raise
+
+
 def iter_shard(path: str, counter: SkipCounter, expected: int | None = None) -> Iterator[dict[str, Any]]:
     """Yield the raw samples of one tar shard: dicts of `__key__`, `__shard__` and extension -> bytes.
 
     Files of one sample are consecutive in the tar (webdataset convention). A read error ends the shard: the
-    sample being read is dropped and counted as `truncated_shard`.
+    sample being read is dropped and counted as `truncated_shard`. So does a tar that stops without its
+    end-of-archive block (zeros; every tar writer ends with it), e.g. one cut exactly between two members:
+    tarfile reads that as a normal end, and the last sample's remaining files (its caption, its metadata)
+    would otherwise be missing without a word.
 
     Args:
         path: The tar file.
@@ -105,7 +143,7 @@ def iter_shard(path: str, counter: SkipCounter, expected: int | None = None) -> 
     current: dict[str, Any] | None = None
     yielded = 0
     try:
-        with tarfile.open(path, "r|*") as archive:
+        with tarfile.open(path, "r|*", tarinfo=_EndAwareTarInfo) as archive:
             for member in archive:
                 if not member.isreg():
                     continue
@@ -121,6 +159,8 @@ def iter_shard(path: str, counter: SkipCounter, expected: int | None = None) -> 
                 if current is None:
                     current = {"__key__": key, "__shard__": shard_name}
                 current[extension] = data
+            if not getattr(archive, _END_SEEN, False):
+                raise tarfile.ReadError(f"no end-of-archive block after {archive.offset} bytes: cut short")
     except (tarfile.TarError, OSError, EOFError) as err:
         counter.add("truncated_shard", shard_name, str(err))
         current = None  # the sample being read when the error came may be incomplete
@@ -167,9 +207,7 @@ def decode_sample(raw: Mapping[str, Any]) -> dict[str, Any]:
             raise SkippedSample("bad_metadata", f"cls {raw['cls'][:20]!r}") from None
     elif isinstance(metadata.get("label"), int):
         label = metadata["label"]
-    sample_id = metadata.get("id")
-    if not isinstance(sample_id, int) or isinstance(sample_id, bool):
-        sample_id = stable_sample_id(raw["__shard__"], raw["__key__"])
+    sample_id = sample_id_of(metadata, raw["__shard__"], raw["__key__"])
     return {
         "image": image,
         "captions": captions,

@@ -200,6 +200,20 @@ class _TarSink:
             self._tar = self._file = None
 
 
+def default_id_space(info: dict, output_dir: Path) -> str:
+    """The name of a shard set's id space (see `mmret.data.samples.sample_id_of`): a hash of what identifies
+    the set — the source it was converted from, or for a generated set its name, seed and folder name (a
+    built-in set's split) — so a rebuild of the same set gets the same ids and two different sets (or two
+    splits) get different ones."""
+    import hashlib
+
+    if info.get("source"):
+        identity = {"source": info["source"]}
+    else:
+        identity = {"name": info.get("name"), "seed": info.get("seed"), "folder": Path(output_dir).name}
+    return hashlib.blake2b(json.dumps(identity, sort_keys=True).encode(), digest_size=8).hexdigest()
+
+
 def write_shards(
     samples: Iterable[SourceSample],
     output_dir: str | Path,
@@ -241,6 +255,7 @@ def write_shards(
     output_dir = Path(output_dir)
     check_output_dir(output_dir, overwrite)
     info = dict(info or {})
+    id_space = info.pop("id_space", None) or default_id_space(info, output_dir)
     with atomic_output_dir(output_dir, overwrite) as work_dir:
         sink = _TarSink(work_dir, shard_size)
         skipped: Counter[str] = Counter()
@@ -279,7 +294,12 @@ def write_shards(
                             f"sample id {sample_id} from {sample.source} is out of range or repeated"
                         )
                     used_ids.add(sample_id)
-                    metadata = {**sample.metadata, "id": sample_id, "captions": sample.captions}
+                    metadata = {
+                        **sample.metadata,
+                        "id": sample_id,
+                        "id_space": id_space,
+                        "captions": sample.captions,
+                    }
                     if sample.label is not None:
                         metadata["label"] = sample.label
                     members = [
@@ -316,6 +336,7 @@ def write_shards(
             "skipped": dict(sorted(skipped.items())),
             "source": info.pop("source", None),
             "seed": info.pop("seed", None),
+            "id_space": id_space,
             "created_by": f"mmret {__version__}",
             **info,
         }

@@ -24,11 +24,19 @@ Each point gets its run directory up front with `sweep_args` (the `mmret fit` ar
 needs to find its point (`--sweep RUN_DIRS`). A point is tagged in W&B with its varied values (`loss=infonce`).
 Submitting the same sweep again submits it again: finished points are no-ops (their `last.ckpt` is at the end),
 interrupted ones resume.
+
+Before anything is written (and in a dry run), `mmret sweep` parses what the points would run with the parser
+of `mmret fit` (`Sweep.checks()`: the experiment with the overrides and each seed, each grid value on its own,
+then every point), so a key the experiment does not have or a value of the wrong type is refused in one line
+instead of failing in every array task. `written_point_files` undoes its writes when the submission fails.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,6 +123,20 @@ class Sweep:
                 point.args = self._fit_args(point)
                 points.append(point)
         return points
+
+    def checks(self) -> Iterator[tuple[str, list[str]]]:
+        """(what, `mmret fit` arguments) to parse before anything is written, most specific culprit first:
+        the experiment with the overrides (and each seed), each grid value alone, then every point."""
+        directory = self.directory / "base"
+        for seed in self.seeds:
+            what = "the experiment with `overrides`" + (f" and seed {seed}" if seed is not None else "")
+            yield what, self._fit_args(Point(values={}, seed=seed, run_dir=directory, args=[]))
+        for key, values in self.grid.items():
+            for value in values:
+                point = Point(values={key: value}, seed=self.seeds[0], run_dir=directory, args=[])
+                yield f"grid key {key} = {_text(value)}", self._fit_args(point)
+        for point in self.points():
+            yield f"point {point.label}", point.args
 
     def _fit_args(self, point: Point) -> list[str]:
         args = ["-c", str(self.experiment)]
@@ -225,3 +247,29 @@ def write_point_files(sweep: Sweep) -> Path:
     return write_text_atomic(
         sweep.directory / "run_dirs.txt", "".join(f"{point.run_dir}\n" for point in points)
     )
+
+
+@contextmanager
+def written_point_files(sweep: Sweep) -> Iterator[Path]:
+    """`write_point_files`, undone when the block raises (a submission that failed): files it created are
+    removed, files it replaced get their old contents back, folders it created are removed when empty."""
+    paths = [point.run_dir / "sweep_args" for point in sweep.points()] + [sweep.directory / "run_dirs.txt"]
+    previous = {path: path.read_bytes() if path.is_file() else None for path in paths}
+    new_dirs: list[Path] = []
+    for directory in dict.fromkeys(path.parent for path in paths):
+        while not directory.exists() and directory not in new_dirs:
+            new_dirs.append(directory)
+            directory = directory.parent
+    try:
+        yield write_point_files(sweep)
+    except BaseException:
+        for path, content in previous.items():
+            if content is None:
+                path.unlink(missing_ok=True)
+            elif not path.is_file() or path.read_bytes() != content:
+                with atomic_file(path, binary=True) as handle:
+                    handle.write(content)
+        for directory in sorted(new_dirs, key=lambda d: len(d.parts), reverse=True):  # deepest first
+            with suppress(OSError):  # not empty: something else wrote there meanwhile
+                os.rmdir(directory)
+        raise

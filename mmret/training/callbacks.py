@@ -1,7 +1,7 @@
 """The callbacks `mmret fit` adds to every run: preemption, checkpoints that keep up, a correct resume; and
 plain progress lines for logs.
 
-    PreemptionCheckpoint(run_dir)   # SIGUSR1 -> last.ckpt at the batch boundary, exit PREEMPTED_EXIT_CODE
+    PreemptionCheckpoint(run_dir)   # SIGUSR1 / SIGINT / SIGTERM -> last.ckpt at the batch boundary, exit 3 / 130 / 143
     RunCheckpoint(dirpath=..., every_n_train_steps=N, save_last=True)
     ResumedTrainLoader()            # a resumed run streams the epoch it stopped in
     ProgressLines(lines=10)         # `--trainer.callbacks+=mmret.training.callbacks.ProgressLines`
@@ -15,20 +15,40 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 # `mmret fit` exits with this code after checkpointing on SIGUSR1; slurm/train.sbatch then requeues the job.
 PREEMPTED_EXIT_CODE = 3
+# ... and with the shell's codes after checkpointing on Ctrl-C (SIGINT) and SIGTERM (kill, scancel).
+INTERRUPTED_EXIT_CODE = 130
+TERMINATED_EXIT_CODE = 143
+EXIT_CODES = {
+    signal.SIGUSR1: PREEMPTED_EXIT_CODE,
+    signal.SIGINT: INTERRUPTED_EXIT_CODE,
+    signal.SIGTERM: TERMINATED_EXIT_CODE,
+}
+_WHY = {
+    PREEMPTED_EXIT_CODE: "preempted",
+    INTERRUPTED_EXIT_CODE: "interrupted",
+    TERMINATED_EXIT_CODE: "terminated",
+}
 
 
 class PreemptionCheckpoint(Callback):
-    """On SIGUSR1 (SLURM's warning before the time limit or preemption): save last.ckpt at the next batch
-    boundary on every rank, then exit with `PREEMPTED_EXIT_CODE` so the batch script requeues the job.
+    """On SIGUSR1 (SLURM's warning before the time limit or preemption), SIGINT (Ctrl-C) or SIGTERM: save
+    last.ckpt at the next batch boundary on every rank, then exit with the signal's code in `EXIT_CODES`
+    (`PREEMPTED_EXIT_CODE` for SIGUSR1, so the batch script requeues the job; 130 / 143 for SIGINT / SIGTERM).
+    Running `fit` again in the same directory continues exactly where it stopped. A second SIGINT or SIGTERM
+    before the boundary gives up waiting (Python's KeyboardInterrupt / exit 143 at once, nothing saved).
 
     Lightning's own SLURM handler saves an `hpc_ckpt` from inside the signal handler, possibly half-way through
     an optimizer step; waiting for the batch to end keeps the resumed run identical to an uninterrupted one.
-    The ranks agree (any rank signalled -> all stop) through the strategy's boolean reduction.
+    The ranks agree (any rank signalled -> all stop, with the highest code) through the strategy's reductions.
+    The handlers are installed at setup, before data loader workers start (the workers inherit them, so a
+    Ctrl-C sent to the whole process group does not kill them mid-epoch); SIGTERM's is installed again when
+    training starts, over Lightning's own (which would stop after the batch with exit code 0).
 
     The checkpoint is written at the end of the batch; the process leaves at the start of the next batch or at
     the epoch's end, after Lightning has handed that batch's metrics to the loggers (metrics.csv and W&B keep
@@ -38,29 +58,56 @@ class PreemptionCheckpoint(Callback):
     slurm/train.sbatch) should leave time for one batch and one validation.
     """
 
-    def __init__(self, run_dir: str, signum: int = signal.SIGUSR1) -> None:
+    def __init__(self, run_dir: str, signals: tuple[int, ...] = tuple(EXIT_CODES)) -> None:
         self.last = Path(run_dir) / "checkpoints" / "last.ckpt"
-        self.signum = signum
-        self.requested = False
+        self.signals = tuple(signals)
+        self.exit_code = 0  # of the signal received (the highest, when several)
         self.saved_at_step: int | None = None
-        self._previous = None
+        self._previous: dict[int, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.exit_code != 0
 
     def _request(self, signum, frame) -> None:
-        self.requested = True
+        code = EXIT_CODES.get(signum, PREEMPTED_EXIT_CODE)
+        if code == self.exit_code and signum in (signal.SIGINT, signal.SIGTERM):
+            self._restore()  # asked twice: stop waiting for the batch boundary
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise SystemExit(code)
+        self.exit_code = max(self.exit_code, code)
 
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._previous = signal.signal(self.signum, self._request)
+    def _install(self, signums) -> None:
+        for signum in signums:
+            previous = signal.signal(signum, self._request)
+            self._previous.setdefault(signum, previous)
+
+    def _restore(self) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._install(self.signals)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._install([s for s in self.signals if s == signal.SIGTERM])
 
     def on_train_batch_end(self, trainer: Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if self.saved_at_step is not None:
             return
         if not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
             return
+        if trainer.world_size > 1:  # every rank leaves with the same code
+            code = torch.tensor(float(self.exit_code), device=pl_module.device)
+            self.exit_code = int(trainer.strategy.reduce(code, reduce_op="max").item())
         trainer.save_checkpoint(self.last)
         self.saved_at_step = trainer.global_step
         if trainer.is_global_zero:
             print(
-                f"mmret: preempted at step {trainer.global_step}; saved {self.last}",
+                f"mmret: {_WHY.get(self.exit_code, 'stopped')} at step {trainer.global_step}; saved {self.last}",
                 file=sys.stderr,
                 flush=True,
             )
@@ -69,9 +116,9 @@ class PreemptionCheckpoint(Callback):
         if self.saved_at_step is None:
             return
         for logger in trainer.loggers:
-            logger.finalize("preempted")
+            logger.finalize(_WHY.get(self.exit_code, "stopped"))
         trainer.strategy.barrier("mmret-preempted")
-        raise SystemExit(PREEMPTED_EXIT_CODE)
+        raise SystemExit(self.exit_code)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module, batch, batch_idx: int) -> None:
         self._leave(trainer)
@@ -80,9 +127,7 @@ class PreemptionCheckpoint(Callback):
         self._leave(trainer)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if self._previous is not None:
-            signal.signal(self.signum, self._previous)
-            self._previous = None
+        self._restore()
 
 
 class RunCheckpoint(ModelCheckpoint):
