@@ -5,7 +5,7 @@
 
 The sweep file and what each point runs are `mmret.reporting.sweeps`; a shipped sweep is found by its
 `experiments/sweeps/...` path from any directory. Before anything is printed, written or submitted, every
-point's `mmret fit` arguments are parsed by the parser `mmret fit` itself builds (`mmret.cli.fit.MMRetCLI`,
+point's `mmret fit` arguments are parsed by the parser `mmret fit` itself builds (`mmret.training.lightning_cli.MMRetCLI`,
 parsed only: nothing is instantiated, no run directory made); a failed submission removes what it wrote.
 """
 
@@ -95,7 +95,7 @@ def _fit_parse():
     Errors raise (UsageError or jsonargparse.ArgumentError) instead of exiting. Built once per process."""
     from lightning.pytorch import LightningDataModule, LightningModule
 
-    from mmret.cli.fit import MMRetCLI
+    from mmret.training.lightning_cli import MMRetCLI
 
     class _ParseOnly(MMRetCLI):
         def parse_arguments(self, parser, args) -> None:
@@ -130,7 +130,7 @@ _NOISE = (
 
 def _one_line(err: BaseException) -> str:
     """The parser's reason on one line (jsonargparse's explanation without its Union boilerplate)."""
-    if isinstance(err, UsageError):  # already one line (mmret.cli.fit words config errors itself)
+    if isinstance(err, UsageError):  # already one line (MMRetCLI words config errors itself)
         return str(err)
     lines = [line.strip() for line in str(err).splitlines()]
     kept = [line for line in lines if line and not line.startswith(_NOISE)]
