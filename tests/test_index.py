@@ -21,6 +21,7 @@ from mmret.errors import UsageError
 from mmret.serving import index as index_module
 from mmret.serving.index import SearchIndex, build_index
 from mmret.serving.retriever import Retriever, SearchResult
+from tests.test_cross_encoder import trained_pair  # noqa: F401  (fixture)
 
 
 @pytest.fixture(scope="module")
@@ -193,23 +194,12 @@ def test_approximate_index_above_the_threshold(shapes_test, trained_checkpoint, 
 
 
 @pytest.fixture(scope="module")
-def digits_pair_index(tmp_path_factory, digits_root):
-    from tests.fit_args import CROSS_ENCODER, DUAL_ENCODER, fit_argv
-
-    common = dict(train=digits_root / "train", samples_per_epoch=32, max_epochs=1, limit_val_batches=0)
-    dual_dir = tmp_path_factory.mktemp("dual_run")
-    assert (
-        main(fit_argv(module=DUAL_ENCODER, model_args={"warmup_steps": 1}, run_dir=dual_dir, **common)) == 0
-    )
-    dual = dual_dir / "checkpoints" / "last.ckpt"
-    reranker_dir = tmp_path_factory.mktemp("reranker_run")
-    reranker_args = {"dual_encoder": dual, "fusion_width": 32, "fusion_layers": 1, "fusion_heads": 2,
-                     "num_negatives": 3, "lock_image": True, "warmup_steps": 1}  # fmt: skip
-    assert main(fit_argv(module=CROSS_ENCODER, model=None, model_args=reranker_args, run_dir=reranker_dir,
-                         **common)) == 0  # fmt: skip
+def digits_pair_index(tmp_path_factory, trained_pair, digits_root):  # noqa: F811
+    """The tiny dual encoder and reranker of tests/test_cross_encoder.py, and an index of the digits test split."""
+    dual, reranker = trained_pair
     index = tmp_path_factory.mktemp("digits_index") / "index"
     build_index(dual, [str(p) for p in sorted((digits_root / "test").glob("*.tar"))], index, progress=False)
-    return dual, reranker_dir / "checkpoints" / "last.ckpt", index
+    return dual, reranker, index
 
 
 @pytest.mark.slow
