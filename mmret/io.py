@@ -160,12 +160,19 @@ def check_output_file(
     path = Path(path)
     if path.is_dir():
         raise UsageError(f"{option} {path} is a directory; expected the path of {expected}")
+    check_output_parent(path, option)
+    return path
+
+
+def check_output_parent(path: str | os.PathLike, option: str = "--output") -> None:
+    """Refuse early an output (file or folder) whose nearest existing ancestor is not a writable directory
+    (e.g. it lies under a regular file), so that nothing is created on the way to the failure."""
+    path = Path(path)
     existing = path.parent
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f"cannot write {option} {path}: {existing} is not a writable directory")
-    return path
 
 
 def looks_like_mmret_output(path: Path) -> bool:

@@ -81,10 +81,12 @@ def test_sigkill_then_resume_continues_step_lr_and_loss(tmp_path, digits_root):
     # `.NAME.*.tmp`, which the next start removes).
     files = sorted(f for f in os.listdir(interrupted / "checkpoints") if f.endswith(".ckpt"))
     assert "last.ckpt" in files, files
-    killed_at = torch.load(interrupted / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+    # The resume starts from the newest checkpoint of the run (last.ckpt or a step checkpoint written after it).
+    steps = [
+        torch.load(interrupted / "checkpoints" / name, weights_only=False)["global_step"] for name in files
+    ]
+    killed_at = max(steps)
     assert STEPS_PER_EPOCH < killed_at < EPOCHS * STEPS_PER_EPOCH
-    for name in files:
-        torch.load(interrupted / "checkpoints" / name, weights_only=False)
 
     resumed = subprocess.run(
         fit_command(interrupted, digits_root.parent),

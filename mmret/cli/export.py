@@ -30,11 +30,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run `mmret export` with parsed arguments."""
+    from mmret.io import check_output_parent
     from mmret.models import export_open_clip
     from mmret.training import DualEncoder
     from mmret.training.checkpoint_io import checkpoint_kind, export_cross_encoder
 
     output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"--output {output} exists and is not a folder; expected a new or empty folder")
+    check_output_parent(output)
     if output.exists() and any(output.iterdir()) and not args.overwrite:
         raise UsageError(f"output {output} exists and is not empty; pass --overwrite to replace it")
     if checkpoint_kind(args.checkpoint) == "cross_encoder":

@@ -80,6 +80,10 @@ def run(args: argparse.Namespace) -> int:
     output = str(args.output)
     if "://" not in output and Path(output).is_file():
         raise UsageError(f"--output {output} is a file; expected a folder for the index")
+    if "://" not in output:
+        from mmret.io import check_output_parent
+
+        check_output_parent(output)
     sources = shard_sources(args.data, args.split)
     shards = [shard for source in sources for shard in source.shards]
     sizes = {shard: size for source in sources for shard, size in zip(source.shards, source.shard_sizes)}

@@ -73,6 +73,10 @@ def run(args: argparse.Namespace) -> int:
         if args.decimals < 0:
             raise UsageError(f"--decimals must be 0 or more, got {args.decimals}")
         spec.decimals = args.decimals
+    if args.output:
+        from mmret.io import check_output_file
+
+        check_output_file(args.output, expected="a table file")
     text = render(spec, args.format)
     if args.output:
         from mmret.io import write_text_atomic

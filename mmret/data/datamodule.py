@@ -267,6 +267,8 @@ class RetrievalDataModule(L.LightningDataModule):
         splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage or "", SPLITS)
         for split in splits:
             self.sources(split)
+        if stage == "fit" and self.sources("train"):
+            self.num_train_batches()  # its sample-count checks refuse here, before the fit counts as started
 
     def sources(self, split: str) -> list[ShardSource]:
         """The resolved shard sources of a split (empty when the split has no data)."""

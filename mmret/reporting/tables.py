@@ -442,7 +442,14 @@ def table_cells(spec: TableSpec) -> list[list[Cell]]:
                 if column.metric not in metrics:
                     missing.append((file, metrics))
                     continue
-                values.append(float(metrics[column.metric]) * spec.scale)
+                try:
+                    value = float(metrics[column.metric])
+                except (TypeError, ValueError):
+                    raise UsageError(
+                        f"row {row.name!r}: {file} has {source}[{column.metric!r}] = "
+                        f"{metrics[column.metric]!r}; expected a number"
+                    ) from None
+                values.append(value * spec.scale)
             if missing and (values or not column.optional):
                 file, metrics = missing[0]
                 raise UsageError(

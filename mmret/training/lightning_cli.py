@@ -209,4 +209,4 @@ def config_error(message: str, option_names: list[str]) -> str:
     if expected:
         given = f", got {got!r}" if got is not None else ""
         return f"{key}: expected {' or '.join(dict.fromkeys(expected))}{given}"
-    return "\n".join(lines[:4])
+    return " ".join(lines[:4])  # e.g. a YAML syntax error and where it is: one line too
