@@ -382,7 +382,10 @@ class SearchIndex:
                 f"query vectors of shape {tuple(vectors.shape)}; the index holds {self.dim}-d vectors"
             )
         exact = self.exact(table) if exact is None else exact
-        columns = None
+        handle = self.store.db.open_table(table)
+        columns = [
+            name for name in handle.schema.names if name != "vector"
+        ]  # the vectors stay in the database
         results = self.store.search(table, vectors, k, exact, self.ann, columns)
         return [
             [Hit({k_: v for k_, v in row.items() if k_ != "vector"}, score) for row, score in hits]

@@ -123,7 +123,7 @@ class VectorStore:
         query = self.db.open_table(table).search().where(predicate)
         if columns is not None:
             query = query.select(list(columns))
-        return query.limit(None).to_arrow().to_pylist() if hasattr(query, "to_arrow") else []
+        return query.limit(None).to_arrow().to_pylist()
 
     # ---- indexes and search -----------------------------------------------------------------------------
     def build_ann_index(self, table: str, dim: int, settings: AnnSettings) -> dict:
