@@ -12,11 +12,13 @@ a regular file (`blocker/out`): chmod 0o555 does not stop root, a file as parent
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import socket
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -42,6 +44,15 @@ def inputs(tmp_path_factory, digits_root, trained_checkpoint) -> dict[str, str]:
     truncated.write_bytes(trained_checkpoint.read_bytes()[:4096])
     reranker = root / "reranker.ckpt"  # what a command checks first: the checkpoint's kind
     torch.save({"mmret": {"kind": "cross_encoder", "model": "test-vit-micro"}, "state_dict": {}}, reranker)
+    unfit = root / "unfit.ckpt"  # a dual-encoder checkpoint whose weights lost a tensor
+    checkpoint = torch.load(trained_checkpoint, map_location="cpu", weights_only=False)
+    checkpoint["state_dict"].pop(next(iter(checkpoint["state_dict"])))
+    torch.save(checkpoint, unfit)
+    imageless = root / "imageless.tar"  # a real tar without a single image
+    with tarfile.open(imageless, "w") as tar:
+        member = tarfile.TarInfo("0000.txt")
+        member.size = 5
+        tar.addfile(member, io.BytesIO(b"a cat"))
     images = root / "images"
     images.mkdir()
     rows = []
@@ -81,6 +92,8 @@ def inputs(tmp_path_factory, digits_root, trained_checkpoint) -> dict[str, str]:
     return {
         "ckpt": str(trained_checkpoint),
         "reranker": str(reranker),
+        "unfit": str(unfit),
+        "imageless": str(imageless),
         "truncated": str(truncated),
         "text": str(text),
         "data": str(digits_root),
@@ -191,6 +204,10 @@ CASES: dict[str, tuple[list[str], str]] = {
         [*EVAL, "--model", "{ckpt}", "--reranker", "{ckpt}", "--data", "{data}", "--output", "{out}/r.json"],
         "dual_encoder",
     ),  # fmt: skip
+    "eval-unfit-model": (
+        [*EVAL, "--model", "{unfit}", "--data", "{data}", "--output", "{out}/r.json"],
+        "do not fit",
+    ),  # fmt: skip
     "eval-missing-data": (
         [*EVAL, "--model", "{ckpt}", "--data", "{missing}", "--output", "{out}/r.json"],
         "missing",
@@ -290,6 +307,14 @@ CASES: dict[str, tuple[list[str], str]] = {
         [*INDEX, "--model", "{ckpt}", "--data", "{missing}", "--output", "{out}/i"],
         "missing",
     ),
+    "index-text-data": (
+        [*INDEX, "--model", "{ckpt}", "--data", "{text}", "--output", "{out}/i"],
+        "notes.txt",
+    ),
+    "index-imageless-data": (
+        [*INDEX, "--model", "{ckpt}", "--data", "{imageless}", "--output", "{out}/i"],
+        "no readable image",
+    ),
     "index-batch-size-0": (
         [*INDEX, "--model", "{ckpt}", "--data", "{test}", "--output", "{out}/i", "--batch-size", "0"],
         "batch-size",
@@ -309,6 +334,10 @@ CASES: dict[str, tuple[list[str], str]] = {
     "search-k-0": ([*SEARCH, "{index}", "a digit", "--k", "0"], "k is 0"),
     "search-k-neg": ([*SEARCH, "{index}", "a digit", "--k", "-2"], "k"),
     "search-dual-as-reranker": ([*SEARCH, "{index}", "a digit", "--reranker", "{ckpt}"], "dual_encoder"),
+    "search-reranker-weights-unfit": (
+        [*SEARCH, "{index}", "a digit", "--reranker", "{reranker}"],
+        "do not fit",
+    ),
     "search-blocked-sheet": ([*SEARCH, "{index}", "a digit", "--sheet", "{blocked}.png"], "not a writable"),
     "search-sheet-is-dir": ([*SEARCH, "{index}", "a digit", "--sheet", "{dir}"], "is a directory"),
 }

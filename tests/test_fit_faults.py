@@ -190,6 +190,19 @@ def test_a_fit_refused_for_bad_input_says_one_line_and_leaves_no_run_dir(case, i
     assert not run_dir.exists()
 
 
+def test_a_refused_fit_is_one_line_on_stderr_of_a_real_process(in_tmp, digits_root):
+    """What a user sees in the terminal: no Lightning device census, logger advert or srun hint first."""
+    run_dir = in_tmp / "run"
+    refused = subprocess.run(
+        [sys.executable, "-m", "mmret.cli", *_tiny(run_dir, in_tmp / "missing")],
+        cwd=in_tmp, env=ENV, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert error_lines(refused.stderr) == [error_lines(refused.stderr)[-1]], refused.stderr
+    assert error_lines(refused.stderr)[0].startswith("mmret fit: error: train data:"), refused.stderr
+    assert not run_dir.exists()
+
+
 def test_a_refused_fit_does_not_touch_an_existing_run_dir(in_tmp, digits_root, capsys):
     run_dir = in_tmp / "run"
     run_dir.mkdir()
@@ -283,10 +296,14 @@ def test_checkpoints_that_are_all_unreadable_refuse_instead_of_restarting(in_tmp
 
 
 @pytest.mark.slow
-# Ctrl-C in a terminal reaches the whole process group (data loader workers too); `kill` only the process.
-# (PyTorch's data loader workers die of a SIGTERM that does not come from their parent: a SIGTERM to the whole
-# group stops the fit with an error, and it restarts from the previous last.ckpt.)
-@pytest.mark.parametrize("signum, code, group", [(signal.SIGINT, 130, True), (signal.SIGTERM, 143, False)])
+# Ctrl-C in a terminal and `scancel` reach the whole process group (data loader workers too); `kill` only the
+# process. (Before the workers ignored these signals, a SIGTERM to the group killed them first and the fit
+# died without saving.)
+@pytest.mark.parametrize(
+    "signum, code, group",
+    [(signal.SIGINT, 130, True), (signal.SIGTERM, 143, False), (signal.SIGTERM, 143, True)],
+    ids=["sigint-group", "sigterm-process", "sigterm-group"],
+)
 def test_a_signal_mid_fit_saves_and_the_rerun_ends_like_an_uninterrupted_run(
     signum, code, group, tmp_path, digits_root
 ):
@@ -312,6 +329,8 @@ def test_a_signal_mid_fit_saves_and_the_rerun_ends_like_an_uninterrupted_run(
     assert process.wait(timeout=300) == code, process.stderr.read()[-3000:]
     stderr = process.stderr.read()
     assert "Traceback" not in stderr, stderr[-3000:]
+    for noise in ("GPU available", "TPU available", "litlogger", "The `srun` command"):
+        assert noise not in stderr, stderr[-3000:]
     saved = torch.load(stopped / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
     assert 1 <= saved["global_step"] < EPOCHS, saved["global_step"]
     assert f"at step {saved['global_step']}; saved" in stderr

@@ -22,6 +22,7 @@ from lightning.pytorch import LightningDataModule, LightningModule
 
 from mmret.errors import UsageError
 from mmret.training.lightning_cli import MMRetCLI
+from mmret.training.lightning_noise import silence_lightning_noise
 from mmret.training.run_dir import RUN_DIR_ENV, RunDirClaim, SaveConfigOnceValid
 
 
@@ -36,6 +37,7 @@ def run_lightning_cli(argv: list[str]) -> int:
     # "Seed set to N" would come before a one-line refusal; the seed is in the run's config.yaml.
     warnings.filterwarnings("ignore", message="No seed found, seed set to")
     logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
+    silence_lightning_noise()
     # The CLI exports the run dir for the DDP ranks it launches; undo that afterwards, so a later run in this
     # process (tests, notebooks, the demo) does not silently reuse this run's directory. Likewise the signal
     # handlers a fit installs.

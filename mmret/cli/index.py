@@ -57,7 +57,7 @@ def shard_sources(specs: list[str], split: str):
     for spec in specs:
         if Path(spec).is_dir():
             spec = str(resolve_data_path(spec, split))
-        sources.append(resolve_source(spec, role="--data"))
+        sources.append(resolve_source(spec, role="index"))
     return sources
 
 

@@ -14,6 +14,7 @@ workers are started per iteration, so they always see the current epoch.
 
 from __future__ import annotations
 
+import signal
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -30,6 +31,17 @@ def _pass_through(batch: Any) -> Any:
     return batch
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Workers leave SIGINT / SIGTERM to the main process, which saves and then shuts them down.
+
+    Ctrl-C and `scancel` signal the whole process group. A worker killed by SIGTERM would make PyTorch abort
+    the main process's iteration ("DataLoader worker ... is killed by signal") before the fit reaches its
+    batch boundary to save; workers still exit when the main process is gone (PyTorch's parent watchdog).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class _BatchStreamLoader(DataLoader):
     """A DataLoader over a stream of ready batches that strips and sums the skip counts they carry."""
 
@@ -39,6 +51,7 @@ class _BatchStreamLoader(DataLoader):
             batch_size=None,  # the stream batches inside the workers
             num_workers=num_workers,
             collate_fn=_pass_through,
+            worker_init_fn=_ignore_stop_signals,
             pin_memory=torch.cuda.is_available(),
             # Workers start with each iteration and so receive the stream's current epoch and resume position
             # by copy. Persistent workers would save one fork per epoch, but their live iterators are inherited

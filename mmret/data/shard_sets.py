@@ -19,6 +19,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,6 +145,8 @@ def resolve_source(spec: str | os.PathLike, role: str = "data") -> ShardSource:
     if path.is_dir():
         shards, info = _shards_of_directory(path, role)
     elif path.is_file():
+        if not tarfile.is_tarfile(path):
+            raise UsageError(f"{role} data: {spec!r} is not a tar archive; expected {SPEC_HELP}")
         shards, info = [str(path.resolve())], None
     elif "{" in spec or any(char in spec for char in "*?["):
         shards, info = _shards_of_pattern(str(path), role), None

@@ -23,7 +23,9 @@ was built with: its vectors live in another embedding space.
 from __future__ import annotations
 
 import io
+import logging
 import os
+import shutil
 import sys
 import tarfile
 from collections.abc import Iterator, Sequence
@@ -215,6 +217,29 @@ def _embed_shard(module, shard: str, transform, batch_size: int, with_captions: 
     return image_table, caption_table
 
 
+class _HeldWarnings(logging.Filter):
+    """Holds the data logger's per-sample skip warnings until the index has its first image: when no shard has
+    one, the one-line refusal says what was skipped instead (no log lines before it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+        self.logger = logging.getLogger("mmret.data")
+        self.logger.addFilter(self)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.records.append(record)
+        return False
+
+    def release(self, emit: bool) -> None:
+        if self not in self.logger.filters:
+            return
+        self.logger.removeFilter(self)
+        for record in self.records if emit else ():
+            self.logger.handle(record)
+        self.records.clear()
+
+
 def _quote(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
@@ -251,6 +276,8 @@ def build_index(
 
     module = module if module is not None else DualEncoder.from_checkpoint(model, device)
     fingerprint = model_fingerprint(module)
+    local = "://" not in str(output)
+    created = local and not Path(output).exists()
     store = VectorStore.connect(output)
     manifest = store.read_manifest()
     where = str(output)
@@ -292,31 +319,45 @@ def build_index(
     bar = tqdm(total=expected, desc=f"indexing {len(todo)} shards", unit="img", file=sys.stderr,
                disable=None if progress else True, dynamic_ncols=True)  # fmt: skip
     added_images = added_captions = 0
-    with bar:
-        for shard in todo:
-            # rows an interrupted build wrote for this shard before recording it
-            store.delete_where(IMAGES, f"shard = {_quote(shard)}")
-            store.delete_where(CAPTIONS, f"shard = {_quote(shard)}")
-            image_table, caption_table = _embed_shard(module, shard, transform, batch_size, captions, counter)
-            if image_table is not None:
-                store.add(IMAGES, image_table)
-                added_images += image_table.num_rows
-                bar.update(image_table.num_rows)
-            if caption_table is not None:
-                store.add(CAPTIONS, caption_table)
-                added_captions += caption_table.num_rows
-            manifest["shards"][shard] = {
-                **_shard_state(shard),
-                "images": 0 if image_table is None else image_table.num_rows,
-            }
-            store.write_manifest(manifest)
-    for reason, count in counter.take_unreported().items():
-        print(f"skipped {count} samples: {reason}", file=sys.stderr)
+    held = _HeldWarnings() if store.count(IMAGES) == 0 else None
+    try:
+        with bar:
+            for shard in todo:
+                # rows an interrupted build wrote for this shard before recording it
+                store.delete_where(IMAGES, f"shard = {_quote(shard)}")
+                store.delete_where(CAPTIONS, f"shard = {_quote(shard)}")
+                image_table, caption_table = _embed_shard(
+                    module, shard, transform, batch_size, captions, counter
+                )
+                if image_table is not None:
+                    store.add(IMAGES, image_table)
+                    added_images += image_table.num_rows
+                    bar.update(image_table.num_rows)
+                    if held is not None:
+                        held.release(emit=True)
+                if caption_table is not None:
+                    store.add(CAPTIONS, caption_table)
+                    added_captions += caption_table.num_rows
+                manifest["shards"][shard] = {
+                    **_shard_state(shard),
+                    "images": 0 if image_table is None else image_table.num_rows,
+                }
+                store.write_manifest(manifest)
+    finally:
+        if held is not None:  # no image at all: the refusal below names what was skipped
+            held.release(emit=added_images > 0)
+    skipped = counter.take_unreported()
     total = store.count(IMAGES)
     if total == 0:
+        if created:  # nothing worth keeping: leave no empty index behind
+            shutil.rmtree(output, ignore_errors=True)
+        reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(skipped.items()))
         raise UsageError(
-            f"no readable image in {len(shards)} shards; expected webdataset tars of images + captions"
+            f"no readable image in {len(shards)} shards{f' (skipped: {reasons})' if reasons else ''}; "
+            "expected webdataset tars of images + captions"
         )
+    for reason, count in skipped.items():
+        print(f"skipped {count} samples: {reason}", file=sys.stderr)
     if added_images and total >= approximate_above:
         manifest["approximate"] = {IMAGES: store.build_ann_index(IMAGES, manifest["model"]["dim"], ann)}
         if captions and store.count(CAPTIONS) >= approximate_above:

@@ -53,6 +53,21 @@ def hyperparameters_for(module_class: type, checkpoint: dict) -> dict:
     return {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if k in allowed}
 
 
+def load_weights(module: torch.nn.Module, state_dict: dict, source: str | os.PathLike) -> None:
+    """Load `state_dict` into `module`; weights that do not fit (missing, unexpected or of another shape: a
+    modified checkpoint, or hyperparameters edited after training) are a UsageError naming `source`."""
+    try:
+        module.load_state_dict(state_dict)
+    except RuntimeError as err:
+        details = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
+        first = details[0] if details else str(err).splitlines()[0]
+        more = f" (and {len(details) - 1} more)" if len(details) > 1 else ""
+        raise UsageError(
+            f"{source}: its weights do not fit the architecture it records: {first}{more}; expected a "
+            "checkpoint or export written by mmret, unmodified"
+        ) from None
+
+
 def checkpoint_kind(path: str | os.PathLike) -> str | None:
     """The `mmret.kind` of a checkpoint file, None when unreadable (the loader then says what is wrong)."""
     try:

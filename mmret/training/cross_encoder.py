@@ -58,7 +58,7 @@ from mmret.models import (
     param_groups_for_weight_decay,
 )
 from mmret.models.fusion import FusionScorer, PixelStem, image_tokens, text_tokens, tower_widths
-from mmret.training.checkpoint_io import hyperparameters_for, read_checkpoint
+from mmret.training.checkpoint_io import hyperparameters_for, load_weights, read_checkpoint
 from mmret.training.schedule import warmup_cosine
 
 
@@ -502,7 +502,7 @@ class CrossEncoder(LightningModule):
         hparams = hyperparameters_for(cls, checkpoint)
         hparams.update(model=checkpoint["mmret"]["model"], pretrained=None, dual_encoder=None)
         module = cls(**hparams)
-        module.load_state_dict(checkpoint["state_dict"])
+        load_weights(module, checkpoint["state_dict"], path)
         return module.to(device).eval()
 
     @classmethod
@@ -529,7 +529,7 @@ class CrossEncoder(LightningModule):
             raise UsageError(f"reranker config {config_path} is unreadable ({error}); re-export it") from None
         hparams.update(pretrained=None, dual_encoder=None)
         module = cls(**hparams)
-        module.load_state_dict(load_file(str(weights_path)))
+        load_weights(module, load_file(str(weights_path)), weights_path)
         return module.to(device).eval()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

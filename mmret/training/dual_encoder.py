@@ -50,7 +50,7 @@ from mmret.models import (
     param_groups_for_weight_decay,
     set_grad_checkpointing,
 )
-from mmret.training.checkpoint_io import hyperparameters_for, read_checkpoint
+from mmret.training.checkpoint_io import hyperparameters_for, load_weights, read_checkpoint
 from mmret.training.gradcache import lightning_gradcache_backward
 from mmret.training.schedule import warmup_cosine, warmup_stable_decay
 
@@ -401,7 +401,7 @@ class DualEncoder(LightningModule):
         hparams["pretrained"] = None  # the trained weights come from the checkpoint, not from a download
         hparams["compile"] = False
         module = cls(**hparams)
-        module.load_state_dict(checkpoint["state_dict"])
+        load_weights(module, checkpoint["state_dict"], path)
         return module.to(device).eval()
 
     # RNG state in the checkpoint, so a resumed run continues the same random stream.

@@ -1,0 +1,40 @@
+"""Lines Lightning prints on every run that tell an mmret user nothing, silenced for `mmret fit` and friends.
+
+    silence_lightning_noise()   # idempotent; call before the Trainer is built
+
+Dropped: the device census ("GPU available: False, used: False", "TPU available ..."; the device a run uses is
+in its run_info.json), the advert for a hosted logger, the hint to prefix `srun` printed whenever SLURM's
+binaries are installed (our SLURM path, `mmret sweep`, already runs the tasks under srun), and a deprecation
+warning Lightning raises about its own code. Everything else Lightning says (its warnings about your settings,
+the model summary, the progress bar) is kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+_INFO_PREFIXES = ("GPU available:", "TPU available:", "HPU available:", "💡 Tip:")
+_WARNINGS = (
+    r"The `srun` command is available on your system but is not used",
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+)
+_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_INFO_PREFIXES)
+
+
+_FILTER = _DropNoise()
+
+
+def silence_lightning_noise() -> None:
+    """Install the filters (logging filters on Lightning's rank-zero loggers, warning filters by message)."""
+    for name in _LOGGERS:
+        logger = logging.getLogger(name)
+        if _FILTER not in logger.filters:
+            logger.addFilter(_FILTER)
+    for message in _WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
