@@ -22,6 +22,19 @@ older mmret) are left alone. `atomic_file` does it for `.NAME.*.tmp`, `atomic_ou
 folders (and `.NAME.old-*`, an output being replaced, once NAME exists again). All match `TEMPORARY_GLOB` or
 `.*.partial-*`; the fit command also clears the checkpoint folder's temporaries on start.
 
+A destination that cannot take the write (full: ENOSPC, EDQUOT, EFBIG; read-only: EROFS; not permitted:
+EACCES) is a `UsageError` naming the file and the OS error, raised once the temporary is removed and the old
+target is back as it was:
+
+    cannot write runs/x/checkpoints/last.ckpt: No space left on device (errno 28); free space and run again, or
+    choose another --run_dir
+
+Every handle `atomic_file` yields names its file on a failed write (`OSError.filename`), so the message names
+the file that failed even where the error passes through other writers (a shard inside a folder being written
+is named by its final path, not the hidden work folder's). `destination_error` also finds the OS error behind
+libraries that wrap it: torch.save's `RuntimeError` (the `OSError` is its `__context__`; without one, the
+destination's free space or read-only flag decides) and Rust writers such as safetensors ("... (os error 28)").
+
 Folders (`atomic_output_dir`):
 - target missing: a hidden sibling `.NAME.partial-<host>-<pid>-<random>` that is renamed to the target at the
   end (so readers, or a second process building the same data, never see half a dataset); parent folders
@@ -34,6 +47,9 @@ Folders (`atomic_output_dir`):
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import io
 import json
 import logging
 import os
@@ -57,6 +73,133 @@ _LEFTOVER = re.compile(
     r"(?:(?P<kind>partial|old)-(?P<dir_host>.+)-(?P<dir_pid>\d+)-[0-9a-f]{8})"
     r"|(?:(?P<file_host>.+)-(?P<file_pid>\d+)-[0-9a-f]{8}\.tmp)"
 )
+
+
+# errno -> how the user gets past it ({option}: the command's option naming the destination).
+_REMEDIES = {
+    errno.ENOSPC: "free space and run again, or choose another {option}",
+    errno.EDQUOT: "free space within your disk quota and run again, or choose another {option}",
+    errno.EFBIG: "choose another {option} on a file system that takes larger files",
+    errno.EROFS: "choose another {option} on a writable file system",
+    errno.EACCES: "fix its permissions or choose another {option}",
+}
+# A library's message carrying a Rust io::Error (safetensors, tokenizers): "... (os error 28)".
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+# torch.save's zip writer reports a failed write with a message of its own (no errno).
+_TORCH_WRITE_FAILURE = ("inline_container", "PytorchStreamWriter", "iostream error")
+# Below this many free bytes, a torch.save that failed without an errno ran out of space.
+_NEARLY_FULL = 1 << 20
+
+
+def destination_error(err: BaseException, directory: str | os.PathLike | None = None) -> OSError | None:
+    """The OS error behind `err` that says a destination cannot take a write (full, read-only, not permitted),
+    or None when `err` is something else.
+
+    Follows `err`'s causes and contexts. Recognises an `OSError` with one of the errnos in `_REMEDIES`, a
+    library's message ending in "(os error N)", and torch.save's "enforce fail at inline_container" without an
+    errno: then `directory` (where the file was being written), read-only or with under 1 MiB free, decides.
+    """
+    seen: set[int] = set()
+    torch_failure = False
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, UsageError):  # already a message for the user, whatever it was raised from
+            return None
+        if isinstance(err, OSError) and err.errno in _REMEDIES:
+            return err
+        if not isinstance(err, OSError):
+            match = _RUST_OS_ERROR.search(str(err))
+            if match and int(match[1]) in _REMEDIES:
+                number = int(match[1])
+                return OSError(number, os.strerror(number))
+            torch_failure = torch_failure or any(mark in str(err) for mark in _TORCH_WRITE_FAILURE)
+        err = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
+    if torch_failure and directory is not None:
+        try:
+            stat = os.statvfs(directory)
+        except OSError:
+            return None
+        if stat.f_flag & os.ST_RDONLY:
+            return OSError(errno.EROFS, os.strerror(errno.EROFS))
+        if stat.f_bavail * stat.f_frsize < _NEARLY_FULL:
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return None
+
+
+def shown_path(path: str | os.PathLike) -> Path:
+    """The path a user knows for a file being written: the target of a temporary (`.NAME.<tag>.tmp` -> NAME),
+    and the same place in the output folder for a file in `atomic_output_dir`'s work folder."""
+    # This host's writers only (a host name may hold dots, so the tag is matched with it, not guessed).
+    tag = rf"{re.escape(HOST)}-\d+-[0-9a-f]{{8}}"
+    parts = list(Path(path).parts)
+    for index, part in enumerate(parts):
+        match = re.fullmatch(rf"\.(.+)\.(?:partial|old)-{tag}", part)
+        if match:
+            parts[index] = match[1]
+    if parts:
+        match = re.fullmatch(rf"\.(.+)\.{tag}\.tmp", parts[-1])
+        if match:
+            parts[-1] = match[1]
+    return Path(*parts)
+
+
+def cannot_write(path: str | os.PathLike, error: OSError, option: str = "--output") -> UsageError:
+    """The one-line refusal for a destination that `error` (see `destination_error`) says cannot take a write:
+    the file (its name as the user knows it), the OS error, and what to do."""
+    return UsageError(f"cannot write {shown_path(path)}: {describe_os_error(error)}; {remedy(error, option)}")
+
+
+def describe_os_error(error: OSError) -> str:
+    """The OS error's text and number: "No space left on device (errno 28)"."""
+    return f"{error.strerror or os.strerror(error.errno)} (errno {error.errno})"
+
+
+def remedy(error: OSError, option: str = "--output") -> str:
+    """What to do about a destination refused with `error` ("free space and run again, or choose another
+    --output")."""
+    return _REMEDIES.get(error.errno, "choose another {option}").format(option=option)
+
+
+def _failed_file(error: OSError, destination: Path) -> Path | None:
+    """The file an OSError is about when it is one of `destination`'s (the file or folder being written, a
+    temporary of it, a file in it, a parent folder being created for it): its filename, or `destination` when
+    the error names none. None for another file's error (e.g. an unreadable input next to the output)."""
+    if not error.filename:
+        return destination
+    failed = Path(os.fsdecode(error.filename))
+    shown, target = Path(os.path.abspath(shown_path(failed))), Path(os.path.abspath(shown_path(destination)))
+    concerns = shown == target or target in shown.parents or shown in target.parents
+    return failed if concerns else None
+
+
+def _discard(path: Path) -> None:
+    """Remove a temporary if it is there (on a read-only file system, unlink fails even for a missing file)."""
+    # Missing; or not removable: a later writer of the same name removes it (remove_dead_leftovers).
+    with contextlib.suppress(OSError):
+        path.unlink()
+
+
+class _NamingWriter(io.BufferedWriter):
+    """A buffered file that puts its own name on the OSError of a failed write or flush (`OSError.filename`
+    is None there), so that whoever handles the error knows which file it was."""
+
+    def write(self, data) -> int:
+        try:
+            return super().write(data)
+        except OSError as err:
+            self._name_on(err)
+            raise
+
+    def flush(self) -> None:
+        try:
+            super().flush()
+        except OSError as err:
+            self._name_on(err)
+            raise
+
+    def _name_on(self, err: OSError) -> None:
+        if err.filename is None:
+            err.filename = self.raw.name
 
 
 def _writer_tag() -> str:
@@ -109,25 +252,44 @@ def remove_dead_leftovers(path: str | os.PathLike) -> list[Path]:
 
 
 @contextmanager
-def atomic_file(path: str | os.PathLike, binary: bool = False) -> Iterator[IO[Any]]:
+def atomic_file(path: str | os.PathLike, binary: bool = False, option: str = "--output") -> Iterator[IO[Any]]:
     """A handle on a temporary sibling of `path`; on success it is fsynced and renamed over `path`.
 
     On an exception the temporary is removed and `path` is left as it was. The file gets the umask's mode.
+
+    Args:
+        path: the file to write.
+        binary: a binary handle (else UTF-8 text).
+        option: the command's option naming this destination, for the message when it cannot be written.
+
+    Raises:
+        UsageError: the destination is full, read-only or not permitted (see `destination_error`).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if ".partial-" not in path.parent.name:  # a work folder of atomic_output_dir is new: nothing stale there
-        remove_dead_leftovers(path)
     tmp = temporary_sibling(path)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # A work folder of atomic_output_dir is new: nothing stale there.
+        if ".partial-" not in path.parent.name:
+            remove_dead_leftovers(path)
         # "x": a new file with mode 0666 & ~umask (tempfile.mkstemp would make it 0600 whatever the umask).
-        with open(tmp, "xb" if binary else "x", **({} if binary else {"encoding": "utf-8"})) as handle:
+        handle = _NamingWriter(io.FileIO(tmp, "x"))
+        if not binary:
+            handle = io.TextIOWrapper(handle, encoding="utf-8")
+        with handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except Exception as err:
+        failure = destination_error(err, path.parent)
+        failed = failure and _failed_file(failure, path)
+        if failed is None:
+            raise
+        _discard(tmp)
+        raise cannot_write(failed, failure, option) from None
     finally:
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
 
 
 def follow_umask(path: str | os.PathLike) -> None:
@@ -141,16 +303,17 @@ def follow_umask(path: str | os.PathLike) -> None:
             os.chmod(file, 0o666 & ~umask)
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write a text file all-or-nothing: a temporary sibling, fsync, then rename over `path`."""
-    with atomic_file(path) as handle:
+def write_text_atomic(path: str | os.PathLike, text: str, option: str = "--output") -> Path:
+    """Write a text file all-or-nothing: a temporary sibling, fsync, then rename over `path` (`option`: see
+    `atomic_file`)."""
+    with atomic_file(path, option=option) as handle:
         handle.write(text)
     return Path(path)
 
 
-def write_json_atomic(path: str | os.PathLike, content: Any) -> Path:
+def write_json_atomic(path: str | os.PathLike, content: Any, option: str = "--output") -> Path:
     """Write `content` as indented JSON (non-JSON values as strings), all-or-nothing."""
-    return write_text_atomic(path, json.dumps(content, indent=2, default=str) + "\n")
+    return write_text_atomic(path, json.dumps(content, indent=2, default=str) + "\n", option)
 
 
 def check_output_file(
@@ -172,7 +335,21 @@ def check_output_parent(path: str | os.PathLike, option: str = "--output") -> No
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"cannot write {option} {path}: {existing} is not a writable directory")
+        raise UsageError(
+            f"cannot write {option} {path}: {existing} is not a writable directory{_why_unwritable(existing)}"
+        )
+
+
+def _why_unwritable(directory: Path) -> str:
+    """ " (OS error, errno N)" for a directory this process cannot write into, "" for a non-directory."""
+    if not directory.is_dir():
+        return ""
+    try:
+        read_only = bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
+    except OSError:
+        return ""
+    number = errno.EROFS if read_only else errno.EACCES
+    return f" ({os.strerror(number)}, errno {number})"
 
 
 def looks_like_mmret_output(path: Path) -> bool:
@@ -207,7 +384,10 @@ def check_output_dir(path: str | Path, overwrite: bool) -> None:
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"cannot create output {str(path)!r}: {str(existing)!r} is not a writable folder")
+        raise UsageError(
+            f"cannot create output {str(path)!r}: {str(existing)!r} is not a writable folder"
+            f"{_why_unwritable(existing)}"
+        )
 
 
 def _remove(path: Path) -> None:
@@ -218,15 +398,36 @@ def _remove(path: Path) -> None:
 
 
 @contextmanager
-def atomic_output_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
+def atomic_output_dir(
+    target: str | Path, overwrite: bool = False, option: str = "--output"
+) -> Iterator[Path]:
     """Yield a folder to write into; it becomes `target` only when the block completes.
 
     Args:
         target: the final output folder.
         overwrite: replace a non-empty `target` at the end. Without it, a `target` that was created by
             someone else while we worked raises FileExistsError (and ours is discarded).
+        option: the command's option naming this destination, for the message when it cannot be written.
+
+    Raises:
+        UsageError: the destination is full, read-only or not permitted (see `destination_error`), also
+            while the block wrote into the folder; raised after the work folder is removed.
     """
     target = Path(target)
+    try:
+        with _output_dir(target, overwrite) as work:
+            yield work
+    except Exception as err:
+        failure = destination_error(err, target.parent)
+        failed = failure and _failed_file(failure, target)
+        if failed is None:
+            raise
+        raise cannot_write(failed, failure, option) from None
+
+
+@contextmanager
+def _output_dir(target: Path, overwrite: bool) -> Iterator[Path]:
+    """`atomic_output_dir` without the translation of write errors."""
     remove_dead_leftovers(target)
     if target.is_dir() and not any(target.iterdir()):
         try:

@@ -232,6 +232,11 @@ def test_fit_writes_a_cross_encoder_checkpoint_that_loads_alone(trained_pair):
         torch.testing.assert_close(
             rebuilt.eval().score(["a 1"], images[:1]), module.score(["a 1"], images[:1])
         )
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(exported / "README.md")  # every export has a model card, the reranker's too
+    assert {"mmret", "reranker"} <= set(card.data.tags)
+    assert "CrossEncoder.load" in card.text and "test-vit-micro" in card.text
 
 
 def test_trailing_padding_does_not_change_fusion_scores():

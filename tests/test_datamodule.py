@@ -69,6 +69,31 @@ def test_round_trip_with_default_preprocessing(tmp_path):
     assert dm.dataset_info("val")["class_names"] == ["zero", "one", "two"]
 
 
+def test_val_fraction_carves_a_validation_split_the_training_stream_never_sees(tmp_path):
+    directory = write_shards(tmp_path / "toy", num_samples=200, samples_per_shard=50)
+    dm = RetrievalDataModule(
+        train=str(directory), batch_size=10, num_workers=0, val_fraction=0.2, shuffle_buffer=8
+    )
+    dm.setup("fit")
+    held = ids(all_batches(dm.val_dataloader()))
+    assert len(held) == len(set(held)) and 25 <= len(held) <= 55, len(held)  # ~20 % of 200, by hash
+    trained = set()
+    for epoch in range(3):
+        loader = dm.train_dataloader()
+        loader.set_epoch(epoch)
+        trained |= set(ids(all_batches(loader)))
+    assert not trained & set(held)
+    assert len(trained) > 100  # the rest is trained on (resampled shards: not every sample in 3 epochs)
+    assert dm.num_train_batches() == round(200 * 0.8) // 10
+    again = RetrievalDataModule(train=str(directory), batch_size=10, num_workers=0, val_fraction=0.2)
+    again.setup("fit")
+    assert ids(all_batches(again.val_dataloader())) == held  # the same split on every run
+    given = RetrievalDataModule(train=str(directory), val=str(directory), batch_size=10, num_workers=0,
+                                val_fraction=0.2)  # fmt: skip
+    given.setup("fit")
+    assert sorted(ids(all_batches(given.val_dataloader()))) == list(range(200))  # val given: nothing carved
+
+
 def eval_transform(image: Image.Image) -> torch.Tensor:
     """Like small_transform, but 8 px, so tests can tell which transform ran: [3, 8, 8]."""
     return small_transform(image)[:, ::2, ::2]
@@ -189,6 +214,7 @@ def test_train_epochs_differ_and_resume_position_draws_fresh_batches(tmp_path):
         ({"train": "x", "train_weights": [1, 2]}, "one weight per entry"),
         ({"train": "x", "batch_size": 0}, "batch_size is 0"),
         ({"dataset": "digits", "num_workers": -1}, "num_workers is -1"),
+        ({"train": "x", "val_fraction": 1.0}, "val_fraction is 1.0"),
     ],
 )
 def test_conflicting_arguments_are_rejected_at_construction(kwargs, fragment):
@@ -196,9 +222,15 @@ def test_conflicting_arguments_are_rejected_at_construction(kwargs, fragment):
         RetrievalDataModule(**kwargs)
 
 
-def test_unknown_epoch_size_and_oversized_batches_are_explained(tmp_path):
+def test_unknown_epoch_size_and_oversized_batches_are_explained(tmp_path, monkeypatch):
     directory = write_img2dataset_shards(tmp_path / "web", num_samples=6, samples_per_shard=6)
     (directory / "00000_stats.json").unlink()
+
+    # A shard without counts is counted from its tar headers, unless it cannot be opened.
+    def unopenable(path):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr("mmret.data.shard_sets.count_shard_samples", unopenable)
     with pytest.raises(UsageError, match="set the data module's samples_per_epoch"):
         RetrievalDataModule(train=str(directory), num_workers=0).train_dataloader()
     dm = RetrievalDataModule(train=str(directory), num_workers=0, samples_per_epoch=6, batch_size=4)

@@ -50,7 +50,11 @@ def _assert_same_embeddings(model, reloaded, tokens_model, tokens_reloaded) -> N
 def test_export_reloads_with_open_clips_own_loader(name, tmp_path):
     model = _random_model(name)
     out = models.export_open_clip(model, None, tmp_path / "export")
-    assert sorted(p.name for p in out.iterdir()) == ["open_clip_config.json", "open_clip_model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md",  # the model card (tests/test_hf_export.py reads it)
+        "open_clip_config.json",
+        "open_clip_model.safetensors",
+    ]
     config = json.loads((out / "open_clip_config.json").read_text())
     assert set(config) >= {"model_cfg", "preprocess_cfg"}
     assert config["model_cfg"] == open_clip.get_model_config(name)
@@ -131,7 +135,7 @@ def minilm_export(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_hf_text_tower_export_reloads_with_open_clip(minilm_export):
+def test_hf_text_tower_export_reloads_with_open_clip(minilm_export, monkeypatch):
     model, out = minilm_export
     names = {p.name for p in out.iterdir()}
     assert {
@@ -142,10 +146,14 @@ def test_hf_text_tower_export_reloads_with_open_clip(minilm_export):
     } <= names
     config = json.loads((out / "open_clip_config.json").read_text())
     text_cfg = config["model_cfg"]["text_cfg"]
-    assert text_cfg["hf_model_name"] == text_cfg["hf_tokenizer_name"] == str(out)
+    # ".": the folder itself, wherever it is (no machine's absolute path); open_clip resolves it against the
+    # working directory, so it loads the export run from there.
+    assert text_cfg["hf_model_name"] == text_cfg["hf_tokenizer_name"] == "."
+    assert str(out) not in (out / "open_clip_config.json").read_text().split('"mmret"')[0]
     assert text_cfg["hf_model_pretrained"] is False
     assert config["mmret"]["source"] == "test-timm-minilm"
 
+    monkeypatch.chdir(out)
     reloaded = open_clip.create_model(f"local-dir:{out}").eval()
     tokenizer = open_clip.get_tokenizer(f"local-dir:{out}")
     tokens = models.get_tokenizer(model)(CAPTIONS)
@@ -155,14 +163,21 @@ def test_hf_text_tower_export_reloads_with_open_clip(minilm_export):
 
 @pytest.mark.slow
 def test_hf_text_tower_export_survives_a_move(minilm_export, tmp_path):
+    """Moved (the original gone) to a folder of another name and depth, as on another machine's path."""
     model, out = minilm_export
-    moved = tmp_path / "moved"
-    shutil.copytree(out, moved)
-    reloaded = models.create_model("test-timm-minilm", pretrained=moved).eval()
-    # hf_model_name in the file still names the old place; mmret re-points it to where the directory is now.
-    assert models.model_info(reloaded)["model_cfg"]["text_cfg"]["hf_model_name"] == str(moved.resolve())
-    tokens = models.get_tokenizer(reloaded)(CAPTIONS)
-    _assert_same_embeddings(model, reloaded, tokens, tokens)
+    copy_of = tmp_path / "copy"
+    shutil.copytree(out, copy_of)
+    moved = tmp_path / "elsewhere" / "deeper" / "moved"
+    moved.parent.mkdir(parents=True)
+    shutil.move(copy_of, moved)
+    for reloaded in (
+        models.create_model("test-timm-minilm", pretrained=moved).eval(),
+        models.create_model(f"local-dir:{moved}").eval(),
+    ):
+        # "." in the file is re-pointed to where the directory is now
+        assert models.model_info(reloaded)["model_cfg"]["text_cfg"]["hf_model_name"] == str(moved.resolve())
+        tokens = models.get_tokenizer(reloaded)(CAPTIONS)
+        _assert_same_embeddings(model, reloaded, tokens, tokens)
 
 
 @pytest.mark.slow
@@ -173,6 +188,4 @@ def test_hf_model_name_can_be_set_for_hub_upload(minilm_export, tmp_path):
     )
     text_cfg = json.loads((out / "open_clip_config.json").read_text())["model_cfg"]["text_cfg"]
     assert text_cfg["hf_model_name"] == "sentence-transformers/all-MiniLM-L6-v2"
-    assert text_cfg["hf_tokenizer_name"] == str(
-        out
-    )  # open_clip reads local-dir tokenizers from the dir itself
+    assert text_cfg["hf_tokenizer_name"] == "."  # open_clip reads local-dir tokenizers from the dir itself

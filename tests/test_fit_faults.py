@@ -203,6 +203,21 @@ def test_a_refused_fit_is_one_line_on_stderr_of_a_real_process(in_tmp, digits_ro
     assert not run_dir.exists()
 
 
+def test_an_open_clip_pretrained_tag_offline_is_one_line_without_retries(in_tmp, digits_root):
+    """The hub cannot be reached here: one line naming what to fetch, no ~50 s of huggingface_hub retries."""
+    env = {k: v for k, v in ENV.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    argv = _tiny(in_tmp / "run", digits_root / "val")
+    argv += ["--model.model", "ViT-B-32", "--model.pretrained", "openai"]
+    refused = subprocess.run([sys.executable, "-m", "mmret.cli", *argv], cwd=in_tmp, env=env,
+                             capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    lines = error_lines(refused.stderr)
+    assert len(lines) == 1 and "Retrying" not in refused.stderr, refused.stderr[-3000:]
+    assert "could not download pretrained weights 'openai' for model 'ViT-B-32'" in lines[0]
+    assert "cannot be reached" in lines[0] and "HF_HOME" in lines[0]
+    assert not (in_tmp / "run").exists()
+
+
 def test_a_refused_fit_does_not_touch_an_existing_run_dir(in_tmp, digits_root, capsys):
     run_dir = in_tmp / "run"
     run_dir.mkdir()
@@ -225,7 +240,7 @@ def test_a_refused_fit_does_not_touch_an_existing_run_dir(in_tmp, digits_root, c
         ([], "missing.yaml", ["config: file does not exist", "missing.yaml"]),
         ([], "trainer:\n  max_epocs: 3\n", ["trainer.max_epocs", "did you mean trainer.max_epochs"]),
         ([], "model:\n  class_path: mmret.training.DualEncoder\n  init_args:\n    warmup_steps: many\n",
-         ["model.warmup_steps: expected int, got 'many'"]),
+         ["model.warmup_steps: expected int or float", "'many'"]),
     ],
 )  # fmt: skip
 def test_config_errors_are_short_and_name_the_key(extra, config, expected, in_tmp, digits_root, capsys):

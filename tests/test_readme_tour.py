@@ -2,18 +2,17 @@
 
 .venv/bin/pytest tests/test_readme_tour.py -q
 
-Every ```bash block of the "A 5-minute tour" section (the tour and "Bring your own data") is run top to bottom
-in a temporary folder that holds the repository's experiments/ and slurm/ (links), as a user would run them
-from the repository root with the environment active: `mmret ...` through the console script's `main` in this
-process, `python ...` as a subprocess on this interpreter's PATH, `sbatch ...` against a real local SLURM
-cluster (tests/slurm_cluster.py), after which the job must complete; a line ending in `&` (`mmret serve`) starts
-the console script as a background process, stopped at the end, and `curl` runs as a subprocess against it. The only things the test adds are the
-raw inputs that "Bring your own data" converts (a folder of images, a CSV, an img2dataset output).
+Every ```bash block of the "A 5-minute tour" section is run top to bottom in a temporary folder that holds the
+repository's experiments/ and slurm/ (links), as a user would run them from the repository root with the
+environment active: `mmret ...` through the console script's `main` in this process, `python ...` as a
+subprocess on this interpreter's PATH, `sbatch ...` against a real local SLURM cluster (tests/slurm_cluster.py),
+after which the job must complete; a line ending in `&` (`mmret serve`) starts the console script as a
+background process, stopped at the end, and `curl` runs as a subprocess against it. "Bring your own data" has
+its own test, tests/test_byod.py.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import re
@@ -25,22 +24,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 import tests.slurm_cluster as slurm
 from mmret.cli import main
 from mmret.training.run_dir import RUN_DIR_ENV
-from tests.shard_fixtures import write_img2dataset_shards
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "## A 5-minute tour"
-COLOURS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220), "yellow": (235, 200, 40)}
 
 
-def tour_commands(readme: str) -> list[str]:
-    """The commands of the tour section's ```bash blocks: comments dropped, `\\` continuations joined."""
-    start = readme.index(SECTION)
-    end = readme.find("\n## ", start + len(SECTION))
+def section_commands(readme: str, heading: str) -> list[str]:
+    """The commands of the ```bash blocks under `heading` (to the next `## `): comments dropped, `\\`
+    continuations joined."""
+    start = readme.index(heading)
+    end = readme.find("\n## ", start + len(heading))
     section = readme[start : end if end != -1 else len(readme)]
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", section, flags=re.DOTALL):
@@ -51,7 +48,7 @@ def tour_commands(readme: str) -> list[str]:
     return commands
 
 
-COMMANDS = tour_commands((REPO / "README.md").read_text())
+COMMANDS = section_commands((REPO / "README.md").read_text(), SECTION)
 
 
 def test_tour_covers_the_demo_steps_and_the_scale_out_commands():
@@ -63,7 +60,6 @@ def test_tour_covers_the_demo_steps_and_the_scale_out_commands():
         ["mmret", "mine"],
         ["mmret", "table"],
         ["mmret", "sweep"],
-        ["mmret", "shards"],
         ["mmret", "index"],
         ["mmret", "search"],
         ["mmret", "serve"],
@@ -79,24 +75,6 @@ def test_tour_covers_the_demo_steps_and_the_scale_out_commands():
         "curl",
     }  # each has a runner below
     assert all(not command.endswith("&") or command.startswith("mmret serve ") for command in COMMANDS)
-
-
-def write_raw_pairs(workdir: Path) -> None:
-    """The inputs of "Bring your own data": my_photos/ (image + .txt), my_pairs.csv, my_img2dataset/."""
-    photos = workdir / "my_photos"
-    photos.mkdir()
-    rows = []
-    for index, (colour, rgb) in enumerate(COLOURS.items()):
-        for size in (40, 56):
-            name = f"{colour}_{size}.png"
-            Image.new("RGB", (size + 8 * index, size), rgb).save(photos / name)
-            (photos / name).with_suffix(".txt").write_text(f"a {colour} photo\na plain {colour} square\n")
-            rows.append({"file": f"my_photos/{name}", "text": f"a {size} pixel {colour} picture"})
-    with open(workdir / "my_pairs.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["file", "text"])
-        writer.writeheader()
-        writer.writerows(rows)
-    write_img2dataset_shards(workdir / "my_img2dataset", num_samples=12, samples_per_shard=6)
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +111,6 @@ def test_every_tour_command_runs_as_written(tmp_path, tour_cluster, monkeypatch,
     workdir.mkdir()
     for name in ("experiments", "slurm"):
         (workdir / name).symlink_to(REPO / name)
-    write_raw_pairs(workdir)
     monkeypatch.chdir(workdir)
     # The environment is active: its bin/ (mmret, python) comes first on PATH, also inside the SLURM job.
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
@@ -159,9 +136,6 @@ def test_every_tour_command_runs_as_written(tmp_path, tour_cluster, monkeypatch,
         assert (workdir / "runs" / "tour" / run / "results.json").is_file()
     assert (workdir / "runs" / "tour" / "exported" / "open_clip_config.json").is_file()
     assert (workdir / "runs" / "tour" / "search.png").is_file()
-    for shards in ("photos", "pairs", "web"):
-        assert (workdir / "data" / shards / "dataset.json").is_file()
-    assert (workdir / "runs" / "pairs" / "checkpoints" / "last.ckpt").is_file()
 
 
 def run_tour_command(command: str, workdir: Path, path: str, tour_cluster, background: list) -> None:

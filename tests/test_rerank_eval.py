@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from mmret.cli import main
-from mmret.evaluation.rerank import fuse_scores, two_stage_metrics
+from mmret.evaluation.rerank import fuse_scores, rerank_lists, two_stage_metrics, two_stage_summary
 from mmret.evaluation.retrieval import EmbeddedEvalSet, evaluation_metrics
 from tests.fit_args import CROSS_ENCODER, DUAL_ENCODER, fit_argv
 
@@ -81,6 +81,33 @@ def test_first_stage_scores_as_the_reranker_reproduce_the_first_stage_metrics():
     # fusion weight 1 ignores the reranker altogether (here: the oracle)
     fused, _ = two_stage_metrics(eval_set, oracle_for(eval_set), 10, ks=(1, 5), fusion_weight=1.0)
     assert fused["image_retrieval_recall@1"] == pytest.approx(first_stage["image_retrieval_recall@1"])
+
+
+def test_reranked_lists_keep_what_the_metrics_were_computed_on():
+    """`rerank_lists` + `two_stage_summary` (what `mmret eval` runs, to draw the lists too) equal
+    `two_stage_metrics`, and `ranked()` orders each list by the reranker, remembering first-stage positions."""
+    eval_set = fake_eval_set(seed=2)
+    oracle = oracle_for(eval_set)
+    lists = rerank_lists(eval_set, oracle, 5)
+    assert two_stage_summary(eval_set, lists, 5, ks=(1, 5)) == two_stage_metrics(
+        eval_set, oracle, 5, ks=(1, 5)
+    )
+    image_lists = lists["image_retrieval"]
+    assert image_lists.depth == 5 and lists["text_retrieval"].depth == 5
+    indices, scores, positions = image_lists.ranked([0, 3])
+    for row, query in enumerate([0, 3]):
+        assert scores[row].tolist() == sorted(scores[row].tolist(), reverse=True)
+        first_stage = image_lists.candidates.indices[query]
+        assert indices[row].tolist() == first_stage[positions[row]].tolist()
+        relevant = {
+            index
+            for index in range(eval_set.num_images)
+            if int(eval_set.image_ids[index]) in eval_set.text_relevant[query]
+        }
+        flags = [index in relevant for index in indices[row].tolist()]
+        assert flags == sorted(flags, reverse=True)  # the oracle's relevant candidates first
+        unmoved = [position for rank, position in enumerate(positions[row].tolist()) if not flags[rank]]
+        assert unmoved == sorted(unmoved)  # equal scores keep the first-stage order
 
 
 def test_fuse_scores_standardises_each_list():

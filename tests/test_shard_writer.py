@@ -275,7 +275,12 @@ def _snapshot(directory: Path) -> dict[str, bytes]:
 
 
 BAD_INPUTS = {
-    "missing column": ("table", [], "column 'caption' (--caption-column) not found", "'image', 'text'"),
+    "missing column": (
+        "table",
+        ["--caption-column", "caption"],
+        "column 'caption' (--caption-column) not found",
+        "'image', 'text'",
+    ),
     "missing source": ("nowhere", [], "does not exist", None),
     "unsupported kind": ("parquet", [], "not a supported kind", None),
     "folder without images": ("emptydir", [], "holds no images", None),
@@ -341,9 +346,9 @@ def test_overwrite_replaces_and_failed_overwrite_keeps_old_output(tmp_path, caps
     assert sorted(old) == ["00000.tar", "00001.tar", "00002.tar", "dataset.json", "skipped.txt"]
 
     table = tmp_path / "t.csv"
-    table.write_text("path,caption\n0.jpg,x\n")
+    table.write_text("where,what\n0.jpg,x\n")  # columns of no usual name (tests/test_input_conventions.py)
     code, err = run_cli(capsys, table, "--output", out, "--image-size", 8, "--overwrite")
-    assert code == 2 and len(err) == 1 and "columns found: 'path', 'caption'" in err[0]
+    assert code == 2 and len(err) == 1 and "columns found: 'where', 'what'" in err[0]
     assert _snapshot(out) == old
 
     calls = []

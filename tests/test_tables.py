@@ -1,5 +1,6 @@
-"""`mmret table` against a hand-made set of results files: exact markdown and LaTeX, seeds, bold, errors; every
-shipped table spec renders from the runs of its sweep.
+"""`mmret table` against a hand-made set of results files: exact markdown and LaTeX, seeds, bold (per data set,
+only where two rows compare), first-stage and reranked results mixed, errors; every shipped table spec renders
+from the runs of its sweep.
 
 .venv/bin/pytest tests/test_tables.py -q
 """
@@ -139,7 +140,9 @@ def test_default_columns_keep_acc1_when_some_files_have_it(results_dir, capsys):
     assert main(["table", *infonce, "runs/siglip/results.json"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].endswith("| acc1 |")  # not dropped because siglip has no acc1
-    assert lines[2].endswith("| **90.0 ± 0.0** |") and lines[3].endswith("| – |")
+    # acc1 has one value: nothing to compare, no bold; R@1 has two
+    assert lines[2].endswith("| 90.0 ± 0.0 |") and lines[3].endswith("| – |")
+    assert lines[2].startswith("| infonce | **50.0 ± 10.0** |")
 
 
 def write_eval_results(
@@ -176,9 +179,11 @@ def test_digits_and_shapes_results_never_share_a_row(tmp_path, monkeypatch, caps
     assert main(["table", digits, shapes]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "|  | T→I R@1 | T→I R@5 | I→T R@1 | I→T R@5 | acc1 |"
-    assert lines[2].startswith("| digits | 50.0 |") and lines[2].endswith("| **90.0** |")
-    assert lines[3].startswith("| shapes | **60.0** |") and lines[3].endswith("| – |")
+    # one row per data set: nothing to compare, so nothing is bold
+    assert lines[2].startswith("| digits | 50.0 |") and lines[2].endswith("| 90.0 |")
+    assert lines[3].startswith("| shapes | 60.0 |") and lines[3].endswith("| – |")
     assert len(lines) == 4 and "seeds" not in "".join(lines)  # two rows of one run each, no seed note
+    assert "**" not in "".join(lines)
     # the same two results as two "seeds" of one run directory: still two rows, named by what differs
     digits = write_eval_results(
         Path("runs/x/seed0/results.json"), "data/digits/test", "zeroshot", 0, acc1=0.9
@@ -189,7 +194,7 @@ def test_digits_and_shapes_results_never_share_a_row(tmp_path, monkeypatch, caps
     assert main(["table", digits, shapes, "--metrics", "image_retrieval_recall@1"]) == 0
     assert capsys.readouterr().out.splitlines()[2:] == [
         "| x [data/digits/test, zeroshot] | 50.0 |",
-        "| x [data/shapes/test, retrieval] | **60.0** |",
+        "| x [data/shapes/test, retrieval] | 60.0 |",
     ]
 
 
@@ -217,19 +222,17 @@ def test_group_by_names_the_grouping(tmp_path, monkeypatch, capsys):
         for seed in (0, 1)
     ]
     assert main(["table", *files, "--metrics", "image_retrieval_recall@1"]) == 0
-    assert capsys.readouterr().out.splitlines()[2:4] == [
-        "| digits | **55.0 ± 7.1** |",
-        "| shapes | **55.0 ± 7.1** |",
+    assert capsys.readouterr().out.splitlines()[2:] == [
+        "| digits | 55.0 ± 7.1 |",  # different data sets: not compared
+        "| shapes | 55.0 ± 7.1 |",
+        "",
+        "_mean ± std over 2 seeds._",
     ]
     assert (
         main(["table", *files, "--metrics", "image_retrieval_recall@1", "--group-by", "task", "model"]) == 0
     )
     out = capsys.readouterr().out.splitlines()
-    assert out[2:] == [
-        "| retrieval | **55.0 ± 5.8** |",
-        "",
-        "_mean ± std over 4 runs; best per column in bold._",
-    ]
+    assert out[2:] == ["| retrieval | 55.0 ± 5.8 |", "", "_mean ± std over 4 runs._"]  # one row: no bold
 
 
 def test_a_spec_row_mixing_data_sets_is_refused_unless_it_names_the_grouping(tmp_path, monkeypatch, capsys):
@@ -244,7 +247,7 @@ def test_a_spec_row_mixing_data_sets_is_refused_unless_it_names_the_grouping(tmp
     assert "row 'm' mixes data sets (data/digits/test and data/shapes/test)" in err and "average_over" in err
     Path("t.yaml").write_text(f"columns: [image_retrieval_recall@1]\nrows: [{row}, average_over: [data]}}]\n")
     assert main(["table", "t.yaml"]) == 0
-    assert capsys.readouterr().out.splitlines()[2] == "| m | **55.0 ± 7.1** |"
+    assert capsys.readouterr().out.splitlines()[2] == "| m | 55.0 ± 7.1 |"
 
 
 def test_ties_after_rounding_are_all_bold(results_dir, capsys):
@@ -274,6 +277,105 @@ def test_a_row_can_read_the_reranked_metrics_of_the_same_files(results_dir, caps
     )
     assert main(["table", "rerank.yaml"]) == 0
     assert capsys.readouterr().out.splitlines()[2:] == ["| dual | 45.0 |", "| + rerank | **65.0** |"]
+
+
+def test_bold_is_the_best_per_data_set_not_per_column(tmp_path, monkeypatch, capsys):
+    """Issue 20: one bold number per column across digits and shapes compared numbers of different data sets."""
+    monkeypatch.chdir(tmp_path)
+    files = [
+        write_eval_results(Path(f"runs/{data}_{loss}/results.json"), f"data/{data}/test", "retrieval", seed, None, loss)
+        for data, loss, seed in [("digits", "infonce", 0), ("digits", "siglip", 1), ("shapes", "infonce", 2),
+                                 ("shapes", "siglip", 0)]
+    ]  # fmt: skip
+    assert main(["table", *files, "--metrics", "image_retrieval_recall@1", "text_retrieval_recall@1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2:] == [
+        "| digits_infonce | 50.0 | **40.0** |",
+        "| digits_siglip | **60.0** | **40.0** |",  # the best on digits, though shapes_infonce has more
+        "| shapes_infonce | **70.0** | **40.0** |",
+        "| shapes_siglip | 50.0 | **40.0** |",
+        "",
+        "_best per data set in bold._",
+    ]
+    assert main(["table", *files, "--metrics", "image_retrieval_recall@1", "--format", "latex"]) == 0
+    latex = capsys.readouterr().out
+    assert r"\caption{(best per data set in bold)}" in latex
+    assert latex.count(r"\textbf{") == 2
+
+
+def test_a_single_row_is_never_bold(results_dir, capsys):
+    assert main(["table", "runs/siglip/results.json"]) == 0
+    assert "**" not in capsys.readouterr().out
+    infonce = sorted(str(p) for p in Path("runs/infonce").glob("*/results.json"))
+    assert main(["table", *infonce, "--format", "latex"]) == 0  # one row of three seeds
+    latex = capsys.readouterr().out
+    assert r"\textbf" not in latex and "bold" not in latex
+    assert r"\caption{(mean $\pm$ std over 3 seeds)}" in latex
+    (results_dir / "one.yaml").write_text(
+        "columns: [image_retrieval_recall@1]\nrows: [{results: runs/siglip/results.json}]\n"
+    )
+    assert main(["table", "one.yaml"]) == 0
+    assert capsys.readouterr().out.splitlines()[2] == "| row 1 | 45.0 |"
+
+
+def write_first_stage_only(path: Path, t2i: float) -> str:
+    """A results file of `mmret eval` without --reranker: no reranked_metrics, top_k null."""
+    write_results(path, t2i, 0.5, 0.0, 1.0)
+    document = json.loads(path.read_text())
+    del document["reranked_metrics"]
+    path.write_text(json.dumps({**document, "top_k": None}))
+    return str(path)
+
+
+def test_first_stage_and_reranked_results_mix_with_dashes(results_dir, capsys):
+    first_only = write_first_stage_only(Path("runs/plain/results.json"), 0.55)
+    argv = ["table", "runs/siglip/results.json", first_only]
+    columns = ["--metrics", "image_retrieval_recall@1", "reranked_metrics.image_retrieval_recall@1"]
+    assert main([*argv, *columns]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "|  | T→I R@1 | T→I R@1 (reranked) |",
+        "| --- | ---: | ---: |",
+        "| siglip | 45.0 | 65.0 |",  # the reranked column has one value: no bold
+        "| plain | **55.0** | – |",
+    ]
+    assert main([*argv]) == 0  # default columns: first-stage metrics of both
+    assert "–" not in capsys.readouterr().out
+    # in a spec: a reranked row of first-stage-only files shows dashes
+    (results_dir / "mixed.yaml").write_text(
+        "columns: [{name: R@1, metric: image_retrieval_recall@1}]\n"
+        "rows:\n"
+        f"  - {{name: plain, results: {first_only}}}\n"
+        f"  - {{name: plain reranked, results: {first_only}, source: reranked_metrics}}\n"
+        "  - {name: siglip reranked, results: runs/siglip/results.json, source: reranked_metrics}\n"
+    )
+    assert main(["table", "mixed.yaml"]) == 0
+    assert capsys.readouterr().out.splitlines()[2:] == [
+        "| plain | 55.0 |",
+        "| plain reranked | – |",
+        "| siglip reranked | **65.0** |",
+    ]
+
+
+def test_a_reranked_column_needs_some_reranked_results_and_seeds_evaluated_alike(results_dir, capsys):
+    first_only = write_first_stage_only(Path("runs/plain/results.json"), 0.55)
+    assert main(["table", first_only, "--metrics", "reranked_metrics.image_retrieval_recall@1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no results file has reranked_metrics['image_retrieval_recall@1']" in err
+    # a seed evaluated without the reranker is another run (top_k null), not a seed of the reranked one
+    write_first_stage_only(Path("runs/infonce/seed1/results.json"), 0.5)
+    seeds = sorted(str(p) for p in Path("runs/infonce").glob("*/results.json"))
+    assert main(["table", *seeds, "--metrics", "reranked_metrics.image_retrieval_recall@1"]) == 0
+    assert capsys.readouterr().out.splitlines()[2:4] == [
+        "| infonce [top_k=5] | 60.0 ± 0.0 |",
+        "| infonce [top_k=null] | – |",
+    ]
+    (results_dir / "half.yaml").write_text(
+        "columns: [{metric: image_retrieval_recall@1, source: reranked_metrics}]\n"
+        "rows: [{name: infonce, results: runs/infonce/seed*/results.json, average_over: [model]}]\n"
+    )
+    assert main(["table", "half.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "runs/infonce/seed1/results.json has no reranked_metrics" in err
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,7 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test")
 COMMANDS: dict[str, tuple[str, str]] = {
     "shards": ("mmret.cli.shards", "convert image-caption pairs into pre-resized webdataset shards"),
     "datasets": ("mmret.cli.datasets", "write a built-in offline dataset (digits, shapes) as shards"),
-    "export": ("mmret.cli.export", "export a trained dual encoder in open_clip's hub layout"),
+    "export": ("mmret.cli.export", "export a trained model (open_clip, transformers, sentence-transformers)"),
     "mine": ("mmret.cli.mine", "hard negatives per query from a trained dual encoder (for the reranker)"),
     "eval": ("mmret.cli.eval", "retrieval and zero-shot metrics of a trained model, with pictures"),
     "demo": ("mmret.cli.demo", "run the whole pipeline on the built-in offline data"),
@@ -35,6 +35,36 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "index": ("mmret.cli.index", "embed a shard set with a dual encoder into a search index (LanceDB)"),
     "search": ("mmret.cli.search", "search an index with text or an image, optionally reranked"),
 }
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--model` and `--pretrained` of the commands that embed with a dual encoder (eval, mine, index)."""
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="a dual-encoder .ckpt written by `mmret fit`, a folder written by `mmret export`, or an open_clip "
+        "model name with --pretrained (the zero-shot baseline)",
+    )
+    parser.add_argument(
+        "--pretrained",
+        default=None,
+        help="with a model name: an open_clip pretrained tag (e.g. openai) or a weights file (default: none)",
+    )
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--device` and `--quiet` of the commands that run a model over data."""
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="auto: cuda when available (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress on stderr (otherwise: a bar on a terminal; in logs, a plain line every 10 s)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

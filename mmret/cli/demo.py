@@ -85,11 +85,19 @@ MINED = "mined/shapes.jsonl"
 # (caption, file) of the pictures results.md shows, beside the results that eval drew them for.
 PICTURES = [
     (
-        "shapes: the dual encoder's top images for a few captions (relevant ones framed in green)",
+        "shapes: the dual encoder's top images for a few captions (relevant ones framed green, others red)",
         RESULTS["shapes_eval"].replace(".json", "_examples.png"),
     ),
     ("shapes: Recall@K of the dual encoder", RESULTS["shapes_eval"].replace(".json", "_recall.png")),
-    ("digits: top images per class prompt", RESULTS["digits_eval"].replace(".json", "_examples.png")),
+    (
+        "shapes: first stage vs reranked top images for the same captions",
+        RESULTS["rerank_eval"].replace(".json", "_examples.png"),
+    ),
+    ("shapes: Recall@K, first stage and reranked", RESULTS["rerank_eval"].replace(".json", "_recall.png")),
+    (
+        "digits: top images for a few captions (framed green when the digit is the caption's class)",
+        RESULTS["digits_eval"].replace(".json", "_examples.png"),
+    ),
 ]
 
 
@@ -274,7 +282,6 @@ def build_datasets(output: Path, entry: dict) -> None:
             output / "data" / name,
             seed=entry.get("seed", 0),
             image_size=entry.get("image_size", 64),
-            progress=sys.stderr.isatty(),
         )
         print(
             f"{name}: {', '.join(f'{s} {_num_samples(root / s)}' for s in ('train', 'val', 'test'))} samples "
@@ -352,8 +359,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--output",
         default="demo_output",
         metavar="DIR",
-        help="folder for the demo's data, runs and results (default: demo_output); a second run "
-        "reuses what it holds",
+        help="folder for the demo's data, runs and results; a second run reuses what it holds "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--quick",
@@ -364,7 +371,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--pipeline",
         default=str(PIPELINE),
         metavar="YAML",
-        help="the demo's settings (default: experiments/demo/pipeline.yaml)",
+        help="the demo's settings (default: %(default)s)",
     )
 
 

@@ -3,6 +3,7 @@
     mmret eval --model runs/digits_clip/last.ckpt --data data/digits --output results/digits.json
     mmret eval --model CKPT --data data/shapes/test --task retrieval --device cuda --batch-size 256 --output r.json
     mmret eval --model CKPT --reranker RERANKER_CKPT --top-k 10 --data data/shapes --output reranked.json
+    mmret eval --model CKPT --data data/shapes --protocol clip_benchmark --output shapes_clip_benchmark.json
     mmret eval --task compositional --model CKPT --data data/shapes [--reranker CKPT] --output comp.json
     mmret eval --task compositional --model CKPT --benchmark swap_att.json --image-root val2017 --output s.json
 
@@ -17,14 +18,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mmret.cli import add_model_arguments, add_run_arguments
 from mmret.errors import UsageError
+from mmret.evaluation.metrics import PROTOCOLS
 from mmret.evaluation.results import TASKS
-from mmret.evaluation.shard_set import DEVICES, SPLITS
+from mmret.evaluation.shard_set import SPLITS
+from mmret.progress import quiet_progress
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Arguments of `mmret eval`."""
-    parser.add_argument("--model", required=True, help="a dual-encoder .ckpt written by `mmret fit`")
+    add_model_arguments(parser)
     parser.add_argument(
         "--data",
         default=None,
@@ -39,8 +43,19 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         choices=TASKS,
         default="auto",
         help="retrieval: image<->text metrics; zeroshot: also classification accuracy (needs class_names in "
-        "dataset.json); auto: zeroshot when the data has classes (default); compositional: accuracy of the "
-        "true caption over perturbed ones and of the own image over its swap-group twins (SugarCrepe-style)",
+        "dataset.json); auto: zeroshot when the data has classes; compositional: accuracy of the "
+        "true caption over perturbed ones and of the own image over its swap-group twins (SugarCrepe-style) "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default="mmret",
+        help="what the text queries are. mmret: one per unique caption, relevant to every image it was paired "
+        "with, ties ranked pessimistically; clip_benchmark: CLIP_benchmark's zero-shot retrieval, one per "
+        "caption occurrence relevant to its own image only, recall@K as torch.topk orders the scores (only "
+        "recall@K; images read in data order, so --num-workers 0 or 1; no --reranker). Zero-shot accuracy is "
+        "the same under both (default: %(default)s)",
     )
     parser.add_argument(
         "--benchmark",
@@ -56,20 +71,39 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="folder of the --benchmark files' relative image paths (default: each file's folder)",
     )
     parser.add_argument(
-        "--split", choices=SPLITS, default="test", help="split of a dataset root (default: test)"
+        "--split", choices=SPLITS, default="test", help="split of a dataset root (default: %(default)s)"
     )
-    parser.add_argument("--batch-size", type=int, default=128, help="images (and captions) per forward pass")
-    parser.add_argument("--device", choices=DEVICES, default="auto", help="auto: cuda when available")
-    parser.add_argument("--num-workers", type=int, default=1, help="data loader worker processes")
-    parser.add_argument("--num-examples", type=int, default=6, help="text queries shown in the examples PNG")
-    parser.add_argument("--examples-top-k", type=int, default=8, help="images shown per example query")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=128,
+        help="images (and captions) per forward pass (default: %(default)s)",
+    )
+    add_run_arguments(parser)
+    parser.add_argument(
+        "--num-workers", type=int, default=1, help="data loader worker processes (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--num-examples",
+        type=int,
+        default=6,
+        help="text queries shown in the examples PNG (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--examples-top-k", type=int, default=8, help="images shown per example query (default: %(default)s)"
+    )
     parser.add_argument(
         "--reranker",
         default=None,
         help="a cross-encoder .ckpt (`mmret fit` with mmret.training.CrossEncoder): rescore each "
         "query's top-K and add reranked_metrics and the first-stage recall@K ceiling",
     )
-    parser.add_argument("--top-k", type=int, default=20, help="candidates per query the reranker rescores")
+    parser.add_argument(
+        "--top-k",
+        type=int,
+        default=20,
+        help="candidates per query the reranker rescores (default: %(default)s)",
+    )
     parser.add_argument(
         "--wandb-summary",
         action="store_true",
@@ -80,7 +114,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--fusion",
         type=float,
         default=0.0,
-        help="weight in [0, 1] of the first-stage score fused with the reranker's (default 0)",
+        help="weight in [0, 1] of the first-stage score fused with the reranker's (default: %(default)s)",
     )
 
 
@@ -106,23 +140,25 @@ def run(args: argparse.Namespace) -> int:
 
             check_results_summary_target(args.model)  # before any work: a run without W&B is a usage error
         eval_data = open_eval_data(data_path, args.task, args.batch_size, args.num_workers)
-    module = DualEncoder.from_checkpoint(args.model, device)  # UsageError for any other checkpoint
-    reranker = CrossEncoder.from_checkpoint(args.reranker, device) if args.reranker is not None else None
+    module = DualEncoder.load(args.model, args.pretrained, device)  # UsageError for anything else
+    reranker = CrossEncoder.load(args.reranker, device) if args.reranker is not None else None
     options = EvalOptions(
         model=args.model, output=str(output), task=args.task, split=args.split, batch_size=args.batch_size,
         device=str(device), num_workers=args.num_workers, num_examples=args.num_examples,
         examples_top_k=args.examples_top_k, reranker=args.reranker, top_k=args.top_k, fusion=args.fusion,
+        protocol=args.protocol, pretrained=args.pretrained,
     )  # fmt: skip
-    if args.benchmark:
-        from mmret.evaluation.compositional_benchmarks import evaluate_benchmark
+    with quiet_progress(args.quiet):
+        if args.benchmark:
+            from mmret.evaluation.compositional_benchmarks import evaluate_benchmark
 
-        results = evaluate_benchmark(module, args.benchmark, options, args.image_root, reranker, triples)
-    elif args.task == "compositional":
-        from mmret.evaluation.compositional import evaluate_compositional
+            results = evaluate_benchmark(module, args.benchmark, options, args.image_root, reranker, triples)
+        elif args.task == "compositional":
+            from mmret.evaluation.compositional import evaluate_compositional
 
-        results = evaluate_compositional(module, eval_data, options, reranker=reranker)
-    else:
-        results = evaluate(module, eval_data, options, reranker=reranker)
+            results = evaluate_compositional(module, eval_data, options, reranker=reranker)
+        else:
+            results = evaluate(module, eval_data, options, reranker=reranker)
     if args.wandb_summary:
         from mmret.training.wandb_tracking import log_results_summary, run_dir_of_checkpoint
 
@@ -146,6 +182,8 @@ def summary_line(results: dict) -> str:
         return f"compositional: {results['num_images']} images, {results['num_texts']} texts: {summary}"
     shown = [key for key in ("image_retrieval_recall@1", "text_retrieval_recall@1", "acc1") if key in metrics]
     summary = ", ".join(f"{key}={metrics[key]:.4f}" for key in shown)
+    if results.get("protocol", "mmret") != "mmret":
+        summary += f" ({results['protocol']} protocol)"
     if reranked is not None:
         ceiling = results["first_stage_ceiling"]
         summary += (
@@ -171,6 +209,23 @@ def check_inputs(args: argparse.Namespace) -> None:
                          "compositional, --benchmark FILE")  # fmt: skip
     if args.task == "compositional" and getattr(args, "wandb_summary", False):
         raise UsageError("--wandb-summary is not available with --task compositional; expected it without")
+    check_protocol(args)
+
+
+def check_protocol(args: argparse.Namespace) -> None:
+    """--protocol clip_benchmark: retrieval / zero-shot only, without a reranker, read in data order."""
+    protocol = getattr(args, "protocol", "mmret")
+    if protocol == "mmret":
+        return
+    if args.task == "compositional":
+        raise UsageError(f"--protocol {protocol} sets the retrieval queries; --task compositional has none "
+                         "(expected --protocol mmret, the default, there)")  # fmt: skip
+    if getattr(args, "reranker", None) is not None:
+        raise UsageError(f"--protocol {protocol} has no reranking stage (CLIP_benchmark ranks by embedding "
+                         "only); expected --reranker without it")  # fmt: skip
+    if args.num_workers > 1:
+        raise UsageError(f"--protocol {protocol} reads the images in data order, as CLIP_benchmark does; "
+                         f"--num-workers {args.num_workers} interleaves them: expected 0 or 1")  # fmt: skip
 
 
 def check_numbers(args: argparse.Namespace) -> None:
@@ -181,7 +236,10 @@ def check_numbers(args: argparse.Namespace) -> None:
         raise UsageError(f"--top-k is {args.top_k}; expected an integer >= 1")
     if not 0.0 <= getattr(args, "fusion", 0.0) <= 1.0:
         raise UsageError(f"--fusion is {args.fusion}; expected a weight in [0, 1]")
-    if getattr(args, "reranker", None) is not None and not Path(args.reranker).is_file():
-        raise UsageError(f"--reranker {args.reranker} does not exist; expected a cross-encoder .ckpt")
+    if getattr(args, "reranker", None) is not None and not Path(args.reranker).exists():
+        raise UsageError(
+            f"--reranker {args.reranker} does not exist; expected a cross-encoder .ckpt or a folder written by "
+            "`mmret export`"
+        )
     if args.num_workers < 0:
         raise UsageError(f"--num-workers is {args.num_workers}; expected an integer >= 0")

@@ -12,15 +12,18 @@ constructor, a directory another fit holds) is a `UsageError`: one line, exit co
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
 import threading
 import warnings
+from pathlib import Path
 
 from lightning.pytorch import LightningDataModule, LightningModule
 
 from mmret.errors import UsageError
+from mmret.io import cannot_write, destination_error
 from mmret.training.lightning_cli import MMRetCLI
 from mmret.training.lightning_noise import silence_lightning_noise
 from mmret.training.run_dir import RUN_DIR_ENV, RunDirClaim, SaveConfigOnceValid
@@ -61,7 +64,7 @@ def run_lightning_cli(argv: list[str]) -> int:
         )
         succeeded = True
     except Exception as err:
-        usage = _usage_error_in(err)
+        usage = _usage_error_in(err) or _unwritable_destination(err, claims)
         if usage is not None and usage is not err:  # e.g. wrapped by jsonargparse while instantiating a class
             raise usage from None
         raise
@@ -77,6 +80,21 @@ def run_lightning_cli(argv: list[str]) -> int:
         else:
             os.environ[RUN_DIR_ENV] = previous
     return 0
+
+
+def _unwritable_destination(err: BaseException, claims: list[RunDirClaim]) -> UsageError | None:
+    """A write the file system refused (full, read-only) outside mmret's own writers, which say so themselves
+    (Lightning's metrics.csv and hparams.yaml, W&B files), as one line naming the file; None for other errors
+    (and for "permission denied" on a file outside the run directory: that may be an input being read)."""
+    run_dir = claims[-1].run_dir if claims else None
+    failure = destination_error(err, run_dir)
+    if failure is None or (run_dir is None and not failure.filename):
+        return None
+    failed = Path(os.fsdecode(failure.filename)) if failure.filename else run_dir
+    inside = run_dir is not None and (failed == run_dir or run_dir.resolve() in failed.resolve().parents)
+    if not inside and failure.errno == errno.EACCES:
+        return None
+    return cannot_write(failed, failure, "--run_dir" if inside else "location")
 
 
 def _usage_error_in(err: BaseException) -> UsageError | None:

@@ -15,12 +15,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mmret.cli import add_model_arguments, add_run_arguments
 from mmret.errors import UsageError
+from mmret.progress import quiet_progress
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Arguments of `mmret index`."""
-    parser.add_argument("--model", required=True, help="a dual-encoder .ckpt written by `mmret fit`")
+    add_model_arguments(parser)
     parser.add_argument(
         "--data",
         required=True,
@@ -33,18 +35,20 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--split",
         choices=("train", "val", "test"),
         default="test",
-        help="split of a dataset root (default test)",
+        help="split of a dataset root (default: %(default)s)",
     )
     parser.add_argument(
         "--captions", action="store_true", help="also embed every caption (image -> text search)"
     )
-    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument(
+        "--batch-size", type=int, default=64, help="images per forward pass (default: %(default)s)"
+    )
+    add_run_arguments(parser)
     parser.add_argument(
         "--approximate-above",
         type=int,
         default=None,
-        help="build an IVF-PQ index once a table holds this many rows (default 50000); below, exact search",
+        help="build an IVF-PQ index once a table holds this many rows (default: 50000); below, exact search",
     )
 
 
@@ -73,10 +77,9 @@ def run(args: argparse.Namespace) -> int:
     )
     if approximate_above < 1:
         raise UsageError(f"--approximate-above is {approximate_above}; expected an integer >= 1")
-    if not Path(args.model).is_file():
-        raise UsageError(
-            f"--model {args.model} does not exist; expected a dual-encoder .ckpt written by `mmret fit`"
-        )
+    from mmret.training.dual_encoder import check_model_spec
+
+    check_model_spec(args.model, args.pretrained)
     output = str(args.output)
     if "://" not in output and Path(output).is_file():
         raise UsageError(f"--output {output} is a file; expected a folder for the index")
@@ -89,10 +92,12 @@ def run(args: argparse.Namespace) -> int:
     sizes = {shard: size for source in sources for shard, size in zip(source.shards, source.shard_sizes)}
     if not shards:
         raise UsageError(f"--data {' '.join(args.data)} holds no .tar shards; expected webdataset shards")
-    report = build_index(
-        args.model, shards, output, captions=args.captions, batch_size=args.batch_size,
-        device=resolve_device(args.device), approximate_above=approximate_above, shard_sizes=sizes,
-    )  # fmt: skip
+    with quiet_progress(args.quiet):
+        report = build_index(
+            args.model, shards, output, captions=args.captions, batch_size=args.batch_size,
+            device=resolve_device(args.device), approximate_above=approximate_above, shard_sizes=sizes,
+            pretrained=args.pretrained,
+        )  # fmt: skip
     search = "approximate (IVF-PQ)" if report.approximate else "exact"
     print(
         f"indexed {report.shards_added} new shards ({report.shards_skipped} already in): {report.images} images"

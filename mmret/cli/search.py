@@ -24,24 +24,37 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("index", help="an index folder (or LanceDB URI) written by `mmret index`")
     parser.add_argument("query", nargs="?", default=None, help="the text query (or use --image)")
     parser.add_argument("--image", default=None, help="an image file as the query instead of text")
-    parser.add_argument("--k", type=int, default=10, help="results (default 10)")
-    parser.add_argument("--model", default=None, help="the index's dual-encoder .ckpt (default: as recorded)")
-    parser.add_argument("--reranker", default=None, help="a reranker .ckpt or exported folder")
+    parser.add_argument("--k", type=int, default=10, help="results (default: %(default)s)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="the index's dual-encoder .ckpt (default: the one recorded in the index)",
+    )
+    parser.add_argument(
+        "--reranker", default=None, help="a reranker .ckpt or exported folder (default: none, no reranking)"
+    )
     parser.add_argument(
         "--rerank-top",
         type=int,
         default=None,
-        help="first-stage candidates the reranker rescores (default 2k)",
+        help="first-stage candidates the reranker rescores (default: 2 x --k, at most the index's size)",
     )
     parser.add_argument("--captions", action="store_true", help="with --image: search the captions instead")
     parser.add_argument(
         "--exact", action="store_true", help="exact search even where the index is approximate"
     )
     parser.add_argument(
-        "--format", choices=("table", "jsonl"), default="table", help="output (default table)"
+        "--format", choices=("table", "jsonl"), default="table", help="output (default: %(default)s)"
     )
-    parser.add_argument("--sheet", default=None, help="also write the results as a contact sheet PNG")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument(
+        "--sheet", default=None, help="also write the results as a contact sheet PNG (default: none)"
+    )
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="auto: cuda when available (default: %(default)s)",
+    )
 
 
 def format_table(results) -> str:

@@ -29,17 +29,24 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--reranker",
         default=None,
-        help="a reranker .ckpt or a folder written by `mmret export` (enables rerank)",
+        help="a reranker .ckpt or a folder written by `mmret export` (enables rerank; default: none)",
     )
     parser.add_argument(
         "--rerank-top",
         type=int,
         default=20,
-        help="first-stage results the reranker rescores when a request gives none (default 20)",
+        help="first-stage results the reranker rescores when a request gives none (default: %(default)s)",
     )
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0: any free port)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    parser.add_argument(
+        "--port", type=int, default=8000, help="TCP port; 0: any free port (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="auto: cuda when available (default: %(default)s)",
+    )
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

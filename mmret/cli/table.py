@@ -27,14 +27,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "task and model config)",
     )
     parser.add_argument(
-        "--format", choices=FORMATS, default="markdown", help="output format (default markdown)"
+        "--format", choices=FORMATS, default="markdown", help="output format (default: %(default)s)"
     )
-    parser.add_argument("--output", help="write the table to this file (atomically) instead of stdout")
+    parser.add_argument("--output", help="write the table to this file (atomically) (default: stdout)")
     parser.add_argument(
         "--metrics",
         nargs="+",
         help="columns when results files are given directly (metric names of the results JSON; prefix "
-        "`reranked_metrics.` for the reranked numbers)",
+        "`reranked_metrics.` for the reranked numbers; default: the recall@1/5/10 of both directions and acc1 "
+        "that the files hold)",
     )
     parser.add_argument(
         "--group-by",
@@ -47,9 +48,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "never share a row",
     )
     parser.add_argument(
-        "--scale", type=float, help="multiply every number by this (default 100, or the spec's)"
+        "--scale", type=float, help="multiply every number by this (default: 100, or the spec's)"
     )
-    parser.add_argument("--decimals", type=int, help="decimals shown (default 1, or the spec's)")
+    parser.add_argument("--decimals", type=int, help="decimals shown (default: 1, or the spec's)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -3,6 +3,7 @@
     mmret datasets digits --output data/digits            # ROOT/train, ROOT/val, ROOT/test
     mmret datasets shapes --output data/shapes --seed 1 --image-size 96
     mmret datasets digit_scenes --output data/digit_scenes
+    mmret datasets digits --output data/digits_cb --format clip_benchmark   # also CLIP_benchmark's wds/ layout
 
     from mmret.data.builtin import build_dataset
     root = build_dataset("shapes", "data/shapes")          # what a data module calls when data/shapes is missing
@@ -14,6 +15,10 @@ split of the scans). The three splits
 appear together: they are written into a hidden sibling folder that is renamed to ROOT at the end, so two
 processes building the same dataset at once (e.g. DDP ranks) both end up with one complete copy. Asking
 again for a dataset that is already there with the same seed and image size does nothing.
+
+`layout="clip_benchmark"` (`--format clip_benchmark`) writes the same shards under the names and beside the
+text files that CLIP_benchmark's `wds/` loader reads (`mmret.data.clip_benchmark_wds`); mmret reads that root
+as it reads its own.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import importlib
 import json
 from pathlib import Path
 
+from mmret.data.clip_benchmark_wds import to_clip_benchmark_layout
 from mmret.data.shard_writer import write_shards
 from mmret.errors import UsageError
 from mmret.io import atomic_output_dir, check_output_dir
@@ -29,6 +35,7 @@ from mmret.io import atomic_output_dir, check_output_dir
 BUILTIN_DATASETS = ("digits", "shapes", "digit_scenes")
 SPLITS = ("train", "val", "test")
 SHARD_SIZE = 1000
+LAYOUTS = ("mmret", "clip_benchmark")  # mmret's shard names only; or also CLIP_benchmark's wds/ layout
 
 
 def is_complete(root: str | Path) -> bool:
@@ -36,8 +43,9 @@ def is_complete(root: str | Path) -> bool:
     return all((Path(root) / split / "dataset.json").is_file() for split in SPLITS)
 
 
-def already_built(root: Path, name: str, seed: int, image_size: int) -> bool:
-    """ROOT is a complete build of the same dataset with the same seed and image size."""
+def already_built(root: Path, name: str, seed: int, image_size: int, layout: str = "mmret") -> bool:
+    """ROOT is a complete build of the same dataset with the same seed and image size, in `layout` (a
+    clip_benchmark root also serves as an mmret one)."""
     if not is_complete(root):
         return False
     for split in SPLITS:
@@ -46,6 +54,8 @@ def already_built(root: Path, name: str, seed: int, image_size: int) -> bool:
         except (OSError, ValueError):
             return False
         if (info.get("name"), info.get("seed"), info.get("image_size")) != (name, seed, image_size):
+            return False
+        if layout != "mmret" and info.get("format", "mmret") != layout:
             return False
     return True
 
@@ -58,6 +68,7 @@ def build_dataset(
     overwrite: bool = False,
     workers: int = 0,
     progress: bool = True,
+    layout: str = "mmret",
 ) -> Path:
     """Write the built-in dataset `name` as shards in ROOT/train, ROOT/val and ROOT/test.
 
@@ -70,7 +81,9 @@ def build_dataset(
             it, a complete ROOT built with the same name, seed and image size is returned as it is, and any
             other non-empty ROOT is an error.
         workers: JPEG-encoding processes (0: in this process, the fastest for these small images).
-        progress: show tqdm bars on stderr.
+        progress: report each split's shard writing on stderr (`mmret.progress`).
+        layout: `mmret` (shards 00000.tar, ...), or `clip_benchmark`: the same shards as SPLIT/0.tar, ... with
+            the text files of CLIP_benchmark's `wds/` loader (`mmret.data.clip_benchmark_wds`).
 
     Returns:
         ROOT, as a Path.
@@ -84,8 +97,10 @@ def build_dataset(
         raise UsageError(f"--image-size must be a positive number of pixels, got {image_size}")
     if workers < 0:
         raise UsageError(f"--workers must be >= 0, got {workers}")
+    if layout not in LAYOUTS:
+        raise UsageError(f"unknown dataset format {layout!r}; expected one of: {', '.join(LAYOUTS)}")
     root = Path(root).expanduser()
-    if not overwrite and already_built(root, name, seed, image_size):
+    if not overwrite and already_built(root, name, seed, image_size, layout):
         return root  # deterministic, so the existing copy is what we would write (e.g. another rank made it)
     check_output_dir(root, overwrite)
     splits = importlib.import_module(f"mmret.data.{name}").build_splits(seed=seed, image_size=image_size)
@@ -103,6 +118,8 @@ def build_dataset(
                     progress=progress,
                     info={"name": name, "seed": seed, **info},
                 )
+            if layout == "clip_benchmark":
+                to_clip_benchmark_layout(work_dir, SPLITS)
     except FileExistsError:
         # Someone else (another rank) finished the same build first; theirs is as good as ours.
         if is_complete(root):

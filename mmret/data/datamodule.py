@@ -37,7 +37,7 @@ from mmret.data.loaders import EvalLoader, TrainLoader
 from mmret.data.mined_negatives import MinedNegativeStore
 from mmret.data.perturb import CaptionPerturber
 from mmret.data.shard_sets import ShardSource, resolve_sources, total_samples
-from mmret.data.streams import EvalStream, TrainStream
+from mmret.data.streams import EvalStream, Holdout, TrainStream
 from mmret.data.twin_batches import TwinBatcher
 from mmret.errors import UsageError
 
@@ -113,6 +113,9 @@ class RetrievalDataModule(L.LightningDataModule):
             same shapes with the colours swapped), so the in-batch negatives hold every sample's hardest
             confusers at no extra encoding cost (mmret.data.twin_batches). Uses `perturbation_types` and the
             word classes; a larger `shuffle_buffer` finds more twins. 0: plain shuffled batches.
+        val_fraction: When no validation data is given (no `val`, no built-in dataset), hold out this fraction of
+            the training samples (chosen by a hash of each sample's identity, the same on every run) as the
+            validation split; training never sees them. 0: no validation unless `val` is given.
         word_classes: Word classes for the targeted strategies, `{name: {role, words}}` with role attribute,
             object or relation; added to (and overriding) the `word_classes` of the train data's dataset.json.
     """
@@ -140,6 +143,7 @@ class RetrievalDataModule(L.LightningDataModule):
         word_classes: dict | None = None,
         negatives_known_only: bool = False,
         batch_twins: int = 0,
+        val_fraction: float = 0.0,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -161,6 +165,8 @@ class RetrievalDataModule(L.LightningDataModule):
         ]:
             if value is not None and value < minimum:
                 raise UsageError(f"data module: {name} is {value}; expected an integer >= {minimum}")
+        if not 0 <= val_fraction < 1:
+            raise UsageError(f"data module: val_fraction is {val_fraction}; expected a number in [0, 1)")
         num_train_sources = len(train) if isinstance(train, (list, tuple)) else 1
         if train_weights is not None and len(train_weights) != num_train_sources:
             raise UsageError(
@@ -186,6 +192,7 @@ class RetrievalDataModule(L.LightningDataModule):
         self.word_classes = word_classes
         self.negatives_known_only = negatives_known_only
         self.batch_twins = batch_twins
+        self.val_fraction = val_fraction
         if batch_twins and shuffle_buffer < 2:
             raise UsageError(
                 f"data module: batch_twins is {batch_twins} but shuffle_buffer is {shuffle_buffer}; twins are "
@@ -273,8 +280,25 @@ class RetrievalDataModule(L.LightningDataModule):
     def sources(self, split: str) -> list[ShardSource]:
         """The resolved shard sources of a split (empty when the split has no data)."""
         if split not in self._sources:
-            self._sources[split] = resolve_sources(self._split_specs(split), role=split)
+            if split == "val" and self.carves_val:
+                self._sources[split] = self.sources("train")
+            else:
+                self._sources[split] = resolve_sources(self._split_specs(split), role=split)
         return self._sources[split]
+
+    @property
+    def carves_val(self) -> bool:
+        """True when the validation split is `val_fraction` of the training samples (no val data given)."""
+        return (
+            bool(self.val_fraction)
+            and self._split_specs("val") is None
+            and self._split_specs("train") is not None
+        )
+
+    def _holdout(self, split: str) -> Holdout | None:
+        if not self.carves_val or split not in ("train", "val"):
+            return None
+        return Holdout(self.val_fraction, keep=split == "val")
 
     def dataset_info(self, split: str = "test") -> dict | None:
         """The `dataset.json` of the split's first source (class names, templates, image size), if any."""
@@ -300,8 +324,11 @@ class RetrievalDataModule(L.LightningDataModule):
         if samples is None:
             raise UsageError(
                 f"train data {[source.spec for source in sources]}: the number of samples is unknown (no "
-                "dataset.json shard sizes or *_stats.json); set the data module's samples_per_epoch"
+                "dataset.json shard sizes or *_stats.json, and a shard could not be opened to count it); set "
+                "the data module's samples_per_epoch"
             )
+        if self.carves_val and not self.samples_per_epoch:
+            samples = round(samples * (1 - self.val_fraction))  # about what stays for training
         batches = samples // (self.batch_size * world_size)
         if batches < 1:
             raise UsageError(
@@ -345,6 +372,7 @@ class RetrievalDataModule(L.LightningDataModule):
         # Lightning warns that an IterableDataset's __len__ may be wrong with several workers; ours is exact by
         # construction (each worker yields its share of batches_per_rank), so that warning is noise here.
         warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
+        stream.holdout = self._holdout("train")
         loader = TrainLoader(stream, num_workers=self.num_workers, epoch_fn=self._trainer_epoch)
         if self._resume is not None:
             loader.set_resume_position(*self._resume)
@@ -385,6 +413,7 @@ class RetrievalDataModule(L.LightningDataModule):
             rank=rank,
             world_size=world_size,
         )
+        stream.holdout = self._holdout(split)
         loader = EvalLoader(stream, num_workers=self.num_workers)
         self._loaders[split].append(loader)
         return loader

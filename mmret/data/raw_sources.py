@@ -6,7 +6,10 @@ Three kinds of source, told apart by what SRC is:
   same-stem `.txt` sidecar holding its captions, one per line;
 - a **table**: `.csv`, `.tsv` or `.jsonl` with an image-path column (relative to the table's folder, or
   absolute) and a caption column (several captions per cell separated by newlines; in JSONL also a list).
-  Rows naming the same image merge their captions; an optional label column becomes the sample's `.cls`;
+  Columns not named by the caller are recognised by the common conventions (`table_columns`: open_clip's
+  `filepath`/`title`, img2dataset's `url`/`caption`, `image`/`text`, `file_name`/`text`, ...); a table whose
+  image column holds only URLs is refused (nothing is downloaded). Rows naming the same image merge their
+  captions; a label column, only when named, becomes the sample's `.cls`;
 - an **img2dataset output** (or an earlier `mmret shards` output): a folder with `*.tar` shards of
   `KEY.jpg`/`KEY.txt`/optional `KEY.json`/`KEY.cls`, with or without `*_stats.json` and `dataset.json`.
 
@@ -14,7 +17,8 @@ Three kinds of source, told apart by what SRC is:
 and raises `UsageError` otherwise; per-sample problems found later (a missing image, an empty caption) do
 not stop the run: the sample carries a `skip_reason` and the writer counts it.
 
-    source = open_source("pairs.csv", image_column="file", caption_column="text")
+    source = open_source("pairs.csv")                 # columns recognised, or named: image_column="file"
+    print(source.columns.describe())                  # columns: image from 'filepath', caption from 'title' ...
     for sample in source.samples(): ...
 """
 
@@ -53,6 +57,12 @@ UNREADABLE_TAR = "unreadable_tar"
 
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
+# Column names of the common image-caption table conventions, matched case-insensitively: open_clip's CSV
+# (filepath, title), img2dataset's input (url, caption), Hugging Face imagefolder metadata (file_name, text),
+# and image/caption (mmret's own), image/text, image_path/caption, file/text, path/caption, img/txt.
+IMAGE_COLUMN_NAMES = ("image", "filepath", "image_path", "file_name", "file", "path", "img", "url")
+CAPTION_COLUMN_NAMES = ("caption", "title", "text", "captions", "txt")
+
 
 @dataclass
 class SourceSample:
@@ -86,6 +96,7 @@ class Source:
     samples: Callable[[], Iterator[SourceSample]]
     num_samples: int | None
     class_names: list[str] | None = None
+    columns: TableColumns | None = None
 
 
 def clean_captions(values: Any) -> list[str]:
@@ -116,12 +127,14 @@ def open_source(
     Args:
         src: a folder of images with `.txt` sidecars, a `.csv`/`.tsv`/`.jsonl` table, or a folder of
             img2dataset-style `*.tar` shards.
-        image_column: table column with the image path (default "image"); tables only.
-        caption_column: table column with the caption(s) (default "caption"); tables only.
-        label_column: optional table column with an integer class label; tables only.
+        image_column: table column with the image path (default: recognised by name, see `table_columns`);
+            tables only.
+        caption_column: table column with the caption(s) (default: recognised by name); tables only.
+        label_column: optional table column with an integer class label (never guessed); tables only.
 
     Raises:
-        UsageError: SRC is missing, unreadable, of an unsupported kind, holds no images, or lacks a column.
+        UsageError: SRC is missing, unreadable, of an unsupported kind, holds no images, lacks a column, has
+            no recognisable (or several) image or caption columns, or its image column holds only URLs.
     """
     path = Path(src).expanduser()
     expected = (
@@ -137,9 +150,7 @@ def open_source(
             )
         if not os.access(path, os.R_OK):
             raise UsageError(f"source {str(src)!r} is not readable (permission denied)")
-        return _open_table(
-            path, image_column or "image", caption_column or "caption", label_column, TABLE_EXTENSIONS[suffix]
-        )
+        return _open_table(path, image_column, caption_column, label_column, TABLE_EXTENSIONS[suffix])
     if not path.is_dir():
         raise UsageError(f"source {str(src)!r} is neither a regular file nor a folder; {expected}")
     if not os.access(path, os.R_OK | os.X_OK):
@@ -205,6 +216,128 @@ def _open_image_folder(root: Path, expected: str) -> Source:
 # -- CSV / TSV / JSONL tables --------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class TableColumns:
+    """The columns a table is read by.
+
+    Attributes:
+        image: the image-path column.
+        caption: the caption column.
+        label: the label column, only when the caller named one.
+        detected: the roles ("image", "caption") recognised by name rather than given.
+        unused_label: a column called `label` that is not read, because no label column was named.
+    """
+
+    image: str
+    caption: str
+    label: str | None = None
+    detected: tuple[str, ...] = ()
+    unused_label: str | None = None
+
+    def describe(self) -> str | None:
+        """The one line that says which columns were recognised, or None when the caller named them all."""
+        if not self.detected:
+            return None
+        chosen = [f"image from {self.image!r}", f"caption from {self.caption!r}"]
+        if self.label is not None:
+            chosen.append(f"label from {self.label!r}")
+        # a bare "auto-detected" only when it holds for every column shown
+        every = len(self.detected) == 2 and self.label is None
+        which = "auto-detected" if every else f"{' and '.join(self.detected)} auto-detected"
+        flags = "/".join(f"--{role}-column" for role in self.detected)
+        line = f"columns: {', '.join(chosen)} ({which}; set {flags} to choose)"
+        if self.unused_label is not None:
+            line += f"; column {self.unused_label!r} is not read as labels without --label-column"
+        return line
+
+
+def _named_like(columns: list[str], names: tuple[str, ...]) -> list[str]:
+    return [column for column in columns if column.strip().lower() in names]
+
+
+def resolve_table_columns(
+    columns: list[str],
+    where: str,
+    image_column: str | None = None,
+    caption_column: str | None = None,
+    label_column: str | None = None,
+) -> TableColumns:
+    """The columns to read a table by: those given, the others recognised among `columns` by name.
+
+    A role is recognised when exactly one column carries one of its conventional names (IMAGE_COLUMN_NAMES,
+    CAPTION_COLUMN_NAMES); a `url` column gives way to a local-path column beside it. A label column is read
+    only when named: labels become `.cls` class ids, which a guess should not invent.
+
+    Args:
+        columns: the table's column names, in order.
+        where: the table, as named in messages.
+
+    Raises:
+        UsageError: a named column is missing, or a role has no recognisable column or several.
+    """
+    for flag, column in (
+        ("--image-column", image_column),
+        ("--caption-column", caption_column),
+        ("--label-column", label_column),
+    ):
+        if column is not None and column not in columns:
+            raise UsageError(
+                f"column {column!r} ({flag}) not found in {where!r}; columns found: "
+                f"{', '.join(map(repr, columns)) or 'none'}"
+            )
+    chosen = {"image": image_column, "caption": caption_column}
+    detected, problems = [], []
+    for role, names in (("image", IMAGE_COLUMN_NAMES), ("caption", CAPTION_COLUMN_NAMES)):
+        if chosen[role] is not None:
+            continue
+        found = _named_like(columns, names)
+        if len(found) > 1:  # a local-path column beats a URL column (the URLs are then the images' origin)
+            found = [column for column in found if column.strip().lower() != "url"] or found
+        if len(found) == 1:
+            chosen[role] = found[0]
+            detected.append(role)
+        else:
+            problems.append((role, found))
+    if problems:
+        roles = " and ".join(role for role, _ in problems)
+        details = "; ".join(
+            f"{role}: {' or '.join(map(repr, found)) if found else 'no column of a usual name'}"
+            for role, found in problems
+        )
+        flags = " ".join(f"--{role}-column COLUMN" for role, _ in problems)
+        raise UsageError(
+            f"cannot tell the {roles} column{'s' if len(problems) > 1 else ''} of {where!r} ({details}); "
+            f"columns found: {', '.join(map(repr, columns)) or 'none'}; name "
+            f"{'them' if len(problems) > 1 else 'it'} with {flags}"
+        )
+    unused = None
+    if label_column is None:
+        unused = next((column for column in columns if column.strip().lower() == "label"), None)
+    return TableColumns(chosen["image"], chosen["caption"], label_column, tuple(detected), unused)
+
+
+def table_columns(
+    src: str | Path,
+    image_column: str | None = None,
+    caption_column: str | None = None,
+    label_column: str | None = None,
+) -> TableColumns | None:
+    """The columns `open_source` will read a `.csv`/`.tsv`/`.jsonl` SRC by (None for other sources), found
+    from the header alone (a JSONL file is read whole: its columns are the keys of all its lines), so a
+    command can say which columns it chose before the long conversion starts.
+
+    Raises:
+        UsageError: as `resolve_table_columns`, or the table cannot be read.
+    """
+    path = Path(src).expanduser()
+    suffix = path.suffix.lower()
+    if suffix not in TABLE_EXTENSIONS or not path.is_file() or not os.access(path, os.R_OK):
+        return None  # open_source says what is wrong with it
+    delimiter = TABLE_EXTENSIONS[suffix]
+    columns = _read_rows(path, delimiter)[0] if delimiter is None else _read_header(path, delimiter)
+    return resolve_table_columns(columns, str(src), image_column, caption_column, label_column)
+
+
 @dataclass
 class _TableEntry:
     """The merged rows of one image."""
@@ -256,6 +389,20 @@ def _read_rows(path: Path, delimiter: str | None) -> tuple[list[str], list[tuple
         raise UsageError(f"table {str(path)!r} is not valid {path.suffix[1:].upper()}: {err}") from err
 
 
+def _read_header(path: Path, delimiter: str) -> list[str]:
+    """The column names of a CSV/TSV table (its first row)."""
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as handle:
+            header = next(csv.reader(handle, delimiter=delimiter), None)
+    except UnicodeDecodeError as err:
+        raise UsageError(f"table {str(path)!r} is not UTF-8 text ({err.reason} at byte {err.start})") from err
+    except csv.Error as err:
+        raise UsageError(f"table {str(path)!r} is not valid {path.suffix[1:].upper()}: {err}") from err
+    if header is None:
+        raise UsageError(f"table {str(path)!r} is empty; expected a header row naming its columns")
+    return header
+
+
 def _parse_label(value: Any) -> int | None:
     """An integer label >= 0, None for an empty cell; raises ValueError for anything else."""
     if value is None or (isinstance(value, str) and not value.strip()):
@@ -268,22 +415,31 @@ def _parse_label(value: Any) -> int | None:
     return int(number)
 
 
+def _refuse_urls_only(path: Path, image_column: str, rows: list[tuple[int, dict[str, Any]]]) -> None:
+    """A table whose image column holds nothing but URLs: nothing here downloads them."""
+    values = [str(row.get(image_column) or "").strip() for _, row in rows]
+    values = [value for value in values if value]
+    if values and all(_URL.match(value) for value in values):
+        raise UsageError(
+            f"column {image_column!r} of {str(path)!r} holds URLs (e.g. {values[0]!r}), and mmret shards reads "
+            "local image files only; download the images first (img2dataset writes a folder that mmret shards "
+            "reads), or name a column of local paths with --image-column"
+        )
+
+
 def _open_table(
-    path: Path, image_column: str, caption_column: str, label_column: str | None, delimiter: str | None
+    path: Path,
+    image_column: str | None,
+    caption_column: str | None,
+    label_column: str | None,
+    delimiter: str | None,
 ) -> Source:
     columns, rows = _read_rows(path, delimiter)
     if not rows:
         raise UsageError(f"table {str(path)!r} has no rows; expected one row per image-caption pair")
-    for flag, column in (
-        ("--image-column", image_column),
-        ("--caption-column", caption_column),
-        ("--label-column", label_column),
-    ):
-        if column is not None and column not in columns:
-            raise UsageError(
-                f"column {column!r} ({flag}) not found in {str(path)!r}; columns found: "
-                f"{', '.join(map(repr, columns)) or 'none'}"
-            )
+    chosen = resolve_table_columns(columns, str(path), image_column, caption_column, label_column)
+    image_column, caption_column = chosen.image, chosen.caption
+    _refuse_urls_only(path, image_column, rows)
     reserved = {image_column, caption_column, label_column, "id", "captions", "label"}
     entries: dict[str, _TableEntry] = {}
     row_skips: list[SourceSample] = []
@@ -343,7 +499,7 @@ def _open_table(
                 metadata["label"] = label
             yield SourceSample(entry.image_path, entry.captions, where, label, metadata, reason)
 
-    return Source("table", path, samples, len(row_skips) + len(entries))
+    return Source("table", path, samples, len(row_skips) + len(entries), columns=chosen)
 
 
 # -- img2dataset-style tar folders ---------------------------------------------------------------------

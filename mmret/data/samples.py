@@ -171,6 +171,43 @@ def iter_shard(path: str, counter: SkipCounter, expected: int | None = None) -> 
         counter.add("missing_samples", shard_name, f"read {yielded} of {expected}", count=expected - yielded)
 
 
+def count_shard_samples(path: str) -> int:
+    """The samples of one tar shard that have an image, from its member headers alone (file data is skipped).
+
+    Members are grouped into samples as `iter_shard` groups them (consecutive members of one key, the same
+    members ignored), and damage costs what it costs there: a tar cut inside a member's data loses the sample
+    being read and, when that member began a new sample, the one before it; a tar that stops between members
+    without its end-of-archive block loses its last sample. So the count is what reading the shard yields.
+
+    Raises:
+        OSError: the file cannot be opened.
+    """
+    count, key, has_image, pending, last, plain = 0, None, False, 0, None, False
+    try:
+        # Random access (not the stream mode `iter_shard` reads in): tarfile seeks over each member's data, and
+        # a member cut short raises when the next header is sought.
+        with tarfile.open(path, "r:*", tarinfo=_EndAwareTarInfo) as archive:
+            # Not decompressed: member offsets are file offsets (used when the tar is cut, below).
+            plain = isinstance(archive.fileobj, io.BufferedReader)
+            for last in archive:
+                count, pending = count + pending, 0  # the member before this one is whole: its sample stands
+                split = _split_name(last.name) if last.isreg() else None
+                if split is None or os.path.basename(last.name).startswith("__"):
+                    continue
+                if split[0] != key:
+                    pending = int(has_image)  # stands once this member, which ends it, proves whole
+                    key, has_image = split[0], False
+                has_image = has_image or split[1] in IMAGE_EXTENSIONS
+            count += pending
+            if getattr(archive, _END_SEEN, False):
+                count += has_image
+    except tarfile.TarError:
+        # Cut after the last member's data but inside its padding: a stop between members for the stream reader.
+        if last is not None and plain and last.offset_data + last.size <= os.path.getsize(path):
+            count += pending
+    return count
+
+
 def decode_sample(raw: Mapping[str, Any]) -> dict[str, Any]:
     """Decode a raw sample into `image` (RGB PIL), `captions`, `sample_id`, `label`, `metadata`, `key`.
 

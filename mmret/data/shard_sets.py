@@ -7,8 +7,13 @@ A *source* spec is one of
     /data/cc3m/00000.tar                  one shard
 
 Sizes (samples per shard) come from `DIR/dataset.json` (`shards` + `shard_sizes`) or from img2dataset's
-per-shard `NNNNN_stats.json` (`successes`); they give the default samples per epoch and weight how often each
-shard is drawn during training. Only local paths are supported.
+per-shard `NNNNN_stats.json` (`successes`); they give the default samples per epoch, the totals of evaluation
+progress, and weight how often each shard is drawn during training. Shards with neither (e.g. written by plain
+`webdataset.TarWriter`) are counted once from their tar headers (`mmret.data.samples.count_shard_samples`:
+samples with an image, grouped as the reader groups them), and the counts are cached beside them in
+`.mmret_counts.json` (shard file name -> bytes, mtime, samples; a shard whose size or mtime changed is counted
+again). A folder that cannot be written keeps no cache: its shards are counted on every run, and the line that
+reports the count says so. Only local paths are supported.
 
     from mmret.data.shard_sets import resolve_sources
     sources = resolve_sources(["/data/a", "/data/b/{00000..00003}.tar"], role="train")
@@ -26,9 +31,15 @@ from pathlib import Path
 
 import braceexpand
 
+from mmret.data.samples import count_shard_samples
+from mmret.distributed import get_rank
 from mmret.errors import UsageError
+from mmret.io import write_json_atomic
+from mmret.progress import Progress
 
 SPEC_HELP = "a shard directory, a .tar file, a glob, or a brace pattern like /x/{00000..00009}.tar"
+# Beside shards without dataset.json / *_stats.json: their sample counts, so they are scanned once.
+COUNTS_FILE = ".mmret_counts.json"
 
 
 @dataclass(frozen=True)
@@ -126,6 +137,99 @@ def _shards_of_pattern(spec: str, role: str) -> list[str]:
     return [str(Path(shard).resolve()) for shard in shards]
 
 
+def _shard_state(shard: str) -> dict[str, int]:
+    """What tells a changed shard: its size and modification time."""
+    stat = os.stat(shard)
+    return {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _read_counts(directory: Path) -> dict[str, dict]:
+    """The cached counts of a folder's shards (empty when there is no cache or it is unreadable)."""
+    try:
+        with open(directory / COUNTS_FILE) as handle:
+            shards = json.load(handle).get("shards")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return shards if isinstance(shards, dict) else {}
+
+
+def _cached_count(entry: object, state: dict[str, int]) -> int | None:
+    if not isinstance(entry, dict) or any(entry.get(key) != value for key, value in state.items()):
+        return None
+    samples = entry.get("samples")
+    return samples if isinstance(samples, int) and not isinstance(samples, bool) and samples >= 0 else None
+
+
+def _write_counts(directory: Path, counts: dict[str, dict]) -> str:
+    """Cache the counts beside the shards; returns how that went, for the line that reports the count."""
+    path = directory / COUNTS_FILE
+    # How the counts get cached all the same: the same resolution, run by someone who can write the folder.
+    how = f'python -c "from mmret.data.shard_sets import resolve_source; resolve_source({str(directory)!r})"'
+    again = f"they are counted again on every run unless someone who can write there runs {how}"
+    if not os.access(directory, os.W_OK):
+        return f"not cached: {directory} is not writable; {again}"
+    content = {
+        "about": "samples per tar shard of this folder, counted by mmret (bytes and mtime_ns tell a changed "
+        "shard, which is counted again); safe to delete",
+        "shards": {name: counts[name] for name in sorted(counts) if (directory / name).is_file()},
+    }
+    try:
+        write_json_atomic(path, content)
+    except (UsageError, OSError) as err:
+        reason = str(err).split("; ")[0]  # without the remedy, which names another command's option
+        return f"not cached: {reason}; {again}"
+    return f"cached in {path}"
+
+
+def count_unknown_sizes(shards: Sequence[str], sizes: Sequence[int | None]) -> tuple[int | None, ...]:
+    """Fill in the sizes that neither dataset.json nor *_stats.json gave: from each folder's count cache, or by
+    counting the shard's samples (then cached). Prints one line per folder where shards were counted (rank 0).
+
+    A shard that cannot be opened stays None (unknown): reading it would fail the same way, and say so.
+    """
+    sizes = list(sizes)
+    unknown: dict[str, list[int]] = {}
+    for index, (shard, size) in enumerate(zip(shards, sizes)):
+        if size is None:
+            unknown.setdefault(os.path.dirname(shard), []).append(index)
+    for parent, indices in unknown.items():
+        directory = Path(parent)
+        cache = _read_counts(directory)
+        todo = []
+        for index in indices:
+            name = os.path.basename(shards[index])
+            try:
+                state = _shard_state(shards[index])
+            except OSError:
+                continue
+            cached = _cached_count(cache.get(name), state)
+            if cached is None:
+                todo.append((index, name, state))
+            else:
+                sizes[index] = cached
+        if not todo:
+            continue
+        counted, total = 0, 0
+        with Progress(f"counting the samples of {directory}", total=len(todo), unit="shards") as bar:
+            for index, name, state in todo:
+                try:
+                    sizes[index] = count_shard_samples(shards[index])
+                except OSError:
+                    continue
+                cache[name] = {**state, "samples": sizes[index]}
+                counted, total = counted + 1, total + sizes[index]
+                bar.update()
+        if not counted:
+            continue
+        cached = _write_counts(directory, cache)
+        if get_rank() == 0:
+            shard_word = "shard" if counted == 1 else "shards"
+            print(
+                f"counted {total:,} samples in {counted} {shard_word} of {directory} ({cached})", flush=True
+            )
+    return tuple(sizes)
+
+
 def resolve_source(spec: str | os.PathLike, role: str = "data") -> ShardSource:
     """Turn one spec into a ShardSource.
 
@@ -155,7 +259,8 @@ def resolve_source(spec: str | os.PathLike, role: str = "data") -> ShardSource:
     if info is None:
         info = _dataset_info_near(shards, role)
     sizes_by_name = _sizes_from_info(info)
-    sizes = tuple(sizes_by_name.get(os.path.basename(shard), _size_from_stats(shard)) for shard in shards)
+    sizes = [sizes_by_name.get(os.path.basename(shard), _size_from_stats(shard)) for shard in shards]
+    sizes = count_unknown_sizes(shards, sizes)
     return ShardSource(spec=spec, shards=tuple(shards), shard_sizes=sizes, info=info)
 
 

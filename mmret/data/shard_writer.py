@@ -34,7 +34,6 @@ import io
 import json
 import multiprocessing
 import os
-import sys
 import tarfile
 import threading
 from collections import Counter
@@ -45,7 +44,6 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from mmret import __version__
 from mmret.data.image_resize import (
@@ -65,6 +63,7 @@ from mmret.data.raw_sources import (
 )
 from mmret.errors import UsageError
 from mmret.io import atomic_file, atomic_output_dir, check_output_dir, write_text_atomic
+from mmret.progress import Progress
 
 KEY_WIDTH = 9  # as img2dataset: keys sort correctly as strings up to a billion samples
 CHUNK_SIZE = 16  # samples per pool task: amortises pickling without delaying the ordered stream much
@@ -240,10 +239,10 @@ def write_shards(
         jpeg_quality: JPEG quality, 1-100.
         workers: decode/resize processes; 0 or 1 work in this process.
         overwrite: replace a non-empty output (swapped in only once the new one is complete).
-        total: number of samples, for the progress bar, when known.
+        total: number of samples, for the progress report, when known.
         info: extra dataset.json fields ("name", "source", "seed", "class_names", anything else).
-        progress: show a tqdm bar on stderr when it is a terminal (logs and captured stderr stay clean,
-            so an error is still the only line there).
+        progress: report progress on stderr (`mmret.progress`: a bar on a terminal, a plain line every few
+            seconds elsewhere, nothing under `quiet_progress`).
 
     Returns:
         The contents written to dataset.json.
@@ -260,62 +259,65 @@ def write_shards(
         sink = _TarSink(work_dir, shard_size)
         skipped: Counter[str] = Counter()
         used_ids: set[int] = set()
-        bar = tqdm(
-            total=total,
-            desc=f"shards -> {output_dir.name}",
-            unit="img",
-            file=sys.stderr,
-            disable=None if progress else True,
-            dynamic_ncols=True,
-            mininterval=0.5,
-        )
+        folder = output_dir.resolve().name
+        name = info.get("name") or folder
+        label = name if name == folder else f"{name}/{folder}"  # e.g. a built-in dataset's split
+        bar = Progress(f"writing {label}", total=total, unit="samples", enabled=progress)
         try:
             with atomic_file(work_dir / "skipped.txt") as skipped_log:
-                results = _prepared(
-                    samples,
-                    workers,
-                    image_size=image_size,
-                    resize_mode=resize_mode,
-                    jpeg_quality=jpeg_quality,
+                # closing(): an error in this loop stops the worker pool at once (a suspended generator
+                # would keep the pool's feeder thread alive, and the process would hang at exit).
+                results = contextlib.closing(
+                    _prepared(
+                        samples,
+                        workers,
+                        image_size=image_size,
+                        resize_mode=resize_mode,
+                        jpeg_quality=jpeg_quality,
+                    )
                 )
-                for sample, jpeg, reason in results:
-                    bar.update(1)
-                    if reason is not None:
-                        skipped[reason] += 1
-                        where = " ".join(sample.source.split())  # one line per sample, tab-separated
-                        skipped_log.write(f"{where}\t{reason}\n")
-                        continue
-                    index = sink.num_samples
-                    sample_id = sample.metadata.get("id")
-                    if not isinstance(sample_id, int) or isinstance(sample_id, bool):
-                        sample_id = index
-                    if not 0 <= sample_id < MAX_ID or sample_id in used_ids:
-                        raise ValueError(
-                            f"sample id {sample_id} from {sample.source} is out of range or repeated"
-                        )
-                    used_ids.add(sample_id)
-                    metadata = {
-                        **sample.metadata,
-                        "id": sample_id,
-                        "id_space": id_space,
-                        "captions": sample.captions,
-                    }
-                    if sample.label is not None:
-                        metadata["label"] = sample.label
-                    members = [
-                        ("jpg", jpeg),
-                        ("txt", "\n".join(sample.captions).encode("utf-8")),
-                        ("json", json.dumps(metadata, sort_keys=True, ensure_ascii=False).encode("utf-8")),
-                    ]
-                    if sample.label is not None:
-                        members.append(("cls", str(sample.label).encode("ascii")))
-                    sink.add(f"{index:0{KEY_WIDTH}d}", members, len(sample.captions))
+                with results as prepared:
+                    for sample, jpeg, reason in prepared:
+                        bar.update(1)
+                        if reason is not None:
+                            skipped[reason] += 1
+                            where = " ".join(sample.source.split())  # one line per sample, tab-separated
+                            skipped_log.write(f"{where}\t{reason}\n")
+                            continue
+                        index = sink.num_samples
+                        sample_id = sample.metadata.get("id")
+                        if not isinstance(sample_id, int) or isinstance(sample_id, bool):
+                            sample_id = index
+                        if not 0 <= sample_id < MAX_ID or sample_id in used_ids:
+                            raise ValueError(
+                                f"sample id {sample_id} from {sample.source} is out of range or repeated"
+                            )
+                        used_ids.add(sample_id)
+                        metadata = {
+                            **sample.metadata,
+                            "id": sample_id,
+                            "id_space": id_space,
+                            "captions": sample.captions,
+                        }
+                        if sample.label is not None:
+                            metadata["label"] = sample.label
+                        members = [
+                            ("jpg", jpeg),
+                            ("txt", "\n".join(sample.captions).encode("utf-8")),
+                            (
+                                "json",
+                                json.dumps(metadata, sort_keys=True, ensure_ascii=False).encode("utf-8"),
+                            ),
+                        ]
+                        if sample.label is not None:
+                            members.append(("cls", str(sample.label).encode("ascii")))
+                        sink.add(f"{index:0{KEY_WIDTH}d}", members, len(sample.captions))
             sink.finish_shard()
         except BaseException:
             sink.abort()
+            bar.close(completed=False)
             raise
-        finally:
-            bar.close()
+        bar.close(completed=sink.num_samples > 0)
         if sink.num_samples == 0:
             reasons = (
                 ", ".join(f"{reason}: {count}" for reason, count in sorted(skipped.items())) or "it is empty"
@@ -378,7 +380,7 @@ def convert_source(
         label_column: optional table column with integer class labels.
         name: dataset name for dataset.json (default: the output folder's name).
         overwrite: replace an existing non-empty output.
-        progress: show a progress bar on stderr.
+        progress: report progress on stderr (see `write_shards`).
 
     Returns:
         The contents of the written dataset.json.

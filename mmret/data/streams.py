@@ -22,7 +22,9 @@ exactly once across all ranks and workers, in a stable order, with its sample id
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -52,6 +54,22 @@ from mmret.errors import UsageError
 
 ImageTransform = Callable[[Image.Image], torch.Tensor]
 Tokenizer = Callable[[list[str]], Any]
+
+
+@dataclass(frozen=True)
+class Holdout:
+    """A fixed share of a shard set's samples, chosen by a hash of each sample's identity: the validation split
+    a data module carves from its training data when none is given. The train stream reads the samples outside
+    it (`keep=False`), the validation stream those inside (`keep=True`); the two never share a sample, on every
+    machine and run."""
+
+    fraction: float
+    keep: bool
+
+    def admits(self, sample_id: int) -> bool:
+        digest = hashlib.blake2b(f"holdout/{sample_id}".encode(), digest_size=8).digest()
+        inside = int.from_bytes(digest, "big") / 2**64 < self.fraction
+        return inside == self.keep
 
 
 def _worker_slot() -> tuple[int, int]:
@@ -109,6 +127,7 @@ class _StreamBase(IterableDataset):
         self.world_size = world_size
         self.image_transform = image_transform
         self.tokenizer = tokenizer
+        self.holdout: Holdout | None = None  # set by the data module to carve a validation split
 
     def _prepare(self, raw: dict, counter: SkipCounter, caption_index: Callable[[int], int]) -> dict | None:
         """Decode and transform one raw sample; None (counted) when it is broken."""
@@ -117,6 +136,8 @@ class _StreamBase(IterableDataset):
         except SkippedSample as skipped:
             counter.add(skipped.reason, f"{raw['__shard__']}/{raw['__key__']}", skipped.detail)
             return None
+        if self.holdout is not None and not self.holdout.admits(sample["sample_id"]):
+            return None  # the other split's sample: not a skip
         sample["image"] = self.image_transform(sample["image"])  # [3, H, W]
         sample["caption"] = sample["captions"][caption_index(len(sample["captions"]))]
         return sample

@@ -395,7 +395,7 @@ def compositional_document(
         "counts": {key: int(value) for key, value in counts.items()},
         "top_k": None,
         "config": {
-            "model": checkpoint_hyperparameters(options.model),
+            "model": checkpoint_hyperparameters(options.model, options.pretrained),
             "eval": {
                 "task": "compositional",
                 "split": options.split,

@@ -9,9 +9,18 @@
     zeroshot_metrics(image_emb, labels, classifier) -> {"acc1": ..., "acc5": ..., "mean_per_class_recall": ...}
 
 `image_retrieval_*` ranks images for each text query; `text_retrieval_*` ranks texts for each image query.
-Text queries are unique caption strings: an image is relevant to every caption it was paired with, and a
-caption written for several images is one query relevant to all of them. Scores are cosine similarities;
-ranking, tie handling (pessimistic) and the metric definitions are those of `mmret.evaluation.ranking`.
+Two protocols (`PROTOCOLS`) say what the text queries are and how ties rank:
+
+- `mmret` (the default): text queries are unique caption strings: an image is relevant to every caption it
+  was paired with, and a caption written for several images is one query relevant to all of them. Scores are
+  cosine similarities; ranking, tie handling (pessimistic) and the metric definitions are those of
+  `mmret.evaluation.ranking` (`retrieval_metrics`).
+- `clip_benchmark`: CLIP_benchmark's `zeroshot_retrieval`: one text query per caption occurrence, in data
+  order, relevant only to the image it came with (an image is relevant to its own occurrences only), and
+  recall@K as `torch.topk` lists the top K (`clip_benchmark_recall`). Only recall@K is defined there.
+
+        captions, text_image_ids = build_occurrence_queries(captions_per_image, image_ids)
+        clip_benchmark_recall(image_emb, text_emb, text_image_index)   # index: row of each text's image
 
 After gathering embeddings from every DDP rank, `dedupe_by_id` drops the samples that the distributed
 sampler padded or duplicated, so validation under DDP is exactly the single-process result.
@@ -25,10 +34,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmret.evaluation.ranking import PerQueryMetrics, Relevance, embedding_scores, per_query_metrics
+from mmret.evaluation.ranking import (
+    DEFAULT_CHUNK_SCORES,
+    PerQueryMetrics,
+    Relevance,
+    embedding_scores,
+    per_query_metrics,
+)
 
 IMAGE_RETRIEVAL = "image_retrieval"  # text query -> images
 TEXT_RETRIEVAL = "text_retrieval"  # image query -> texts
+MMRET_PROTOCOL = "mmret"  # unique captions, relevant to every image they were paired with; pessimistic ties
+CLIP_BENCHMARK_PROTOCOL = "clip_benchmark"  # one query per caption occurrence; ties as torch.topk orders them
+PROTOCOLS = (MMRET_PROTOCOL, CLIP_BENCHMARK_PROTOCOL)
 
 
 def build_text_queries(
@@ -61,6 +79,151 @@ def build_text_queries(
             if not relevant[query] or relevant[query][-1] != image_id:
                 relevant[query].append(image_id)
     return list(query_of_caption), relevant
+
+
+def build_occurrence_queries(
+    captions_per_image: Sequence[Sequence[str]], image_ids: Sequence[Hashable] | Tensor
+) -> tuple[list[str], list[Hashable]]:
+    """CLIP_benchmark's text queries: one per caption occurrence, each relevant to its own image only.
+
+    A caption repeated within an image or shared by several images is a query per occurrence, as
+    CLIP_benchmark's `texts_image_index` has one entry per caption of every image of the data loader.
+
+    Args:
+        captions_per_image: for each image, its captions, in data order.
+        image_ids: [N] the id of each image, parallel to `captions_per_image`.
+
+    Returns:
+        The captions (image by image, each image's in its order) and the id of each caption's image.
+    """
+    ids = _as_id_list(image_ids)
+    if len(ids) != len(captions_per_image):
+        raise ValueError(f"{len(captions_per_image)} caption lists but {len(ids)} image ids")
+    captions: list[str] = []
+    text_image_ids: list[Hashable] = []
+    for image_id, image_captions in zip(ids, captions_per_image):
+        if isinstance(image_captions, str):
+            raise ValueError("captions_per_image must hold a list of captions per image, got a string")
+        captions += list(image_captions)
+        text_image_ids += [image_id] * len(image_captions)
+    return captions, text_image_ids
+
+
+def clip_benchmark_recall(
+    image_emb: Tensor,
+    text_emb: Tensor,
+    text_image_index: Sequence[int] | Tensor,
+    ks: Sequence[int] = (1, 5, 10),
+    text_query_groups: Mapping[str, Tensor] | None = None,
+    image_query_groups: Mapping[str, Tensor] | None = None,
+    chunk_size: int | None = None,
+) -> dict[str, float | int]:
+    """Recall@K in both directions as CLIP_benchmark's `zeroshot_retrieval` computes it.
+
+    The scores are cosine similarities of the texts (one per caption occurrence) and the images. For each
+    query and each K separately, the top K candidates are those `torch.topk(scores, K)` returns (so among
+    exactly tied scores, `torch.topk`'s own order decides), and the query scores 1 when a relevant candidate
+    is among them: for a text, its own image; for an image, any of its own texts. Each mean is over every
+    query, an image without texts counting as a miss (CLIP_benchmark's 0/0 recall is NaN, and `NaN > 0` is
+    false). Text rows that are bit-identical (the same caption embedded once and repeated) are scored once,
+    so their scores tie exactly, as they do in exact arithmetic. K larger than the candidate set is capped
+    (CLIP_benchmark's `torch.topk` would fail there).
+
+    Args:
+        image_emb: [N, D] image embeddings, in data order (normalised here).
+        text_emb: [M, D] embeddings of the texts, in data order: image by image, each image's captions in
+            their order (`build_occurrence_queries`).
+        text_image_index: [M] row in `image_emb` of each text's image (CLIP_benchmark's `texts_image_index`).
+        ks: the K of each `*_recall@K`.
+        text_query_groups: name -> subset of the M text queries ([M] bool mask or indices); adds
+            `name/image_retrieval_recall@K` over that subset.
+        image_query_groups: name -> subset of the N image queries; adds `name/text_retrieval_recall@K`.
+        chunk_size: queries scored at once (default: about 2**24 scores per chunk).
+
+    Returns:
+        `image_retrieval_recall@K`, `text_retrieval_recall@K`, `{direction}_num_queries` (queries in the mean),
+        `{direction}_num_queries_without_relevant` (those of them with nothing relevant, counted as misses),
+        `num_images`, `num_texts`, and the per-direction keys prefixed by each group name.
+    """
+    ks = sorted({int(k) for k in ks})
+    if not ks or ks[0] < 1:
+        raise ValueError(f"ks must be positive integers, got {ks}")
+    if image_emb.dim() != 2 or text_emb.dim() != 2 or image_emb.shape[1] != text_emb.shape[1]:
+        raise ValueError(
+            f"embeddings must be [N, D] and [M, D], got {tuple(image_emb.shape)} and {tuple(text_emb.shape)}"
+        )
+    num_images, num_texts = image_emb.shape[0], text_emb.shape[0]
+    device = image_emb.device
+    image_of_text = torch.as_tensor(_as_id_list(text_image_index), dtype=torch.long).reshape(-1)
+    if image_of_text.numel() != num_texts:
+        raise ValueError(f"{num_texts} text embeddings but {image_of_text.numel()} text_image_index entries")
+    if num_texts and (int(image_of_text.min()) < 0 or int(image_of_text.max()) >= num_images):
+        raise ValueError(f"text_image_index must lie in [0, {num_images}), the rows of image_emb")
+    image_of_text = image_of_text.to(device)
+    image_emb = F.normalize(image_emb.detach().float(), dim=-1)
+    text_emb = F.normalize(text_emb.detach().float().to(device), dim=-1)
+    # One score row per distinct text embedding: repeated captions get exactly equal scores.
+    unique_text_emb, unique_of_text = torch.unique(text_emb, dim=0, return_inverse=True)  # [U, D], [M]
+    if chunk_size is None:
+        chunk_size = max(1, DEFAULT_CHUNK_SCORES // max(num_images, num_texts, 1))
+
+    # text -> images: the top K of a text depend on its caption only, so each distinct caption is ranked once.
+    text_hits = {k: torch.zeros(num_texts, dtype=torch.bool, device=device) for k in ks}
+    order = torch.argsort(unique_of_text, stable=True)  # texts grouped by their distinct caption
+    grouped = unique_of_text[order]
+    for start in range(0, unique_text_emb.shape[0], chunk_size):
+        end = min(start + chunk_size, unique_text_emb.shape[0])
+        scores = unique_text_emb[start:end] @ image_emb.t()  # [b, N]
+        lo, hi = torch.searchsorted(grouped, torch.tensor([start, end], device=device)).tolist()
+        texts = order[lo:hi]
+        for k in ks:
+            top = torch.topk(scores, min(k, num_images), dim=1).indices  # [b, k]
+            own = image_of_text[texts, None]  # [n, 1]
+            text_hits[k][texts] = (top[unique_of_text[texts] - start] == own).any(dim=1)
+
+    # image -> texts, in data order: score the distinct captions, then spread them over their occurrences.
+    image_hits = {k: torch.zeros(num_images, dtype=torch.bool, device=device) for k in ks}
+    for start in range(0, num_images, chunk_size):
+        end = min(start + chunk_size, num_images)
+        scores = (image_emb[start:end] @ unique_text_emb.t())[:, unique_of_text]  # [b, M]
+        rows = torch.arange(start, end, device=device)[:, None]  # [b, 1]
+        for k in ks if num_texts else ():
+            top = torch.topk(scores, min(k, num_texts), dim=1).indices  # [b, k] text indices
+            image_hits[k][start:end] = (image_of_text[top] == rows).any(dim=1)
+
+    texts_per_image = torch.bincount(image_of_text, minlength=num_images)
+    results: dict[str, float | int] = {"num_images": num_images, "num_texts": num_texts}
+    directions = (
+        (IMAGE_RETRIEVAL, text_hits, torch.ones(num_texts, dtype=torch.bool), text_query_groups),
+        (TEXT_RETRIEVAL, image_hits, texts_per_image.cpu() > 0, image_query_groups),
+    )
+    for direction, hits, has_relevant, groups in directions:
+        hits = {k: value.cpu() for k, value in hits.items()}
+        named = [("", None), *((f"{name}/", queries) for name, queries in (groups or {}).items())]
+        for prefix, queries in named:
+            selected = _query_selection(queries, has_relevant.numel())
+            count = int(selected.sum())
+            for k in ks:
+                mean = float(hits[k][selected].double().sum()) / count if count else 0.0
+                results[f"{prefix}{direction}_recall@{k}"] = mean
+            without_relevant = int((selected & ~has_relevant).sum())
+            results[f"{prefix}{direction}_num_queries"] = count
+            results[f"{prefix}{direction}_num_queries_without_relevant"] = without_relevant
+    return results
+
+
+def _query_selection(queries: Tensor | None, num_queries: int) -> Tensor:
+    """[Q] bool mask of a query subset given as a mask or as indices (None: every query)."""
+    if queries is None:
+        return torch.ones(num_queries, dtype=torch.bool)
+    queries = torch.as_tensor(queries).cpu()
+    if queries.dtype == torch.bool:
+        if queries.shape != (num_queries,):
+            raise ValueError(f"query mask has shape {tuple(queries.shape)}, expected ({num_queries},)")
+        return queries
+    selected = torch.zeros(num_queries, dtype=torch.bool)
+    selected[queries.long()] = True
+    return selected
 
 
 def retrieval_metrics(

@@ -7,6 +7,11 @@
     -> {"image_retrieval_recall@1": ..., "unseen/image_retrieval_ndcg@10": ...},
        {"image_retrieval_recall@20": ..., "unseen/image_retrieval_recall@20": ...}
 
+    lists = rerank_lists(eval_set, scorer, top_k=20)      # the same, keeping the reranked lists ...
+    reranked, ceiling = two_stage_summary(eval_set, lists, top_k=20)
+    lists["image_retrieval"].ranked([0, 1])               # ... for pictures: indices, scores, first-stage positions
+    reranked_recall_curves(eval_set, lists)               # Recall@K, K = 1 .. 20, both directions
+
 Both directions are reranked: caption queries over their top-K images (`image_retrieval_*`) and image queries
 over their top-K captions (`text_retrieval_*`). Candidates outside a query's list rank after the listed ones
 (`candidate_score_fn`), so the reranked metrics use the definitions of the first stage, and no reranker can
@@ -20,12 +25,11 @@ costs only the fusion layers for each of the Q × K pairs; they are held in memo
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from mmret.evaluation.metrics import IMAGE_RETRIEVAL, TEXT_RETRIEVAL, _direction_summary
 from mmret.evaluation.ranking import per_query_metrics
@@ -36,6 +40,7 @@ from mmret.evaluation.retrieval import (
     candidate_score_fn,
     top_k_candidates,
 )
+from mmret.progress import Progress
 
 # (text query indices [n], image indices [n]) -> relevance scores [n] of those n pairs.
 PairScoreFn = Callable[[Tensor, Tensor], Tensor]
@@ -52,10 +57,11 @@ def rerank_candidates(
     flat = candidates.indices.flatten().cpu()  # [Q*K]
     scores = []
     starts = range(0, flat.numel(), pair_batch_size)
-    for start in tqdm(starts, desc=progress, unit="batch", file=sys.stderr, disable=None if progress else True,
-                      leave=False):  # fmt: skip
-        end = start + pair_batch_size
-        scores.append(score_pairs(queries[start:end], flat[start:end]).float().cpu())
+    with Progress(progress or "reranking", total=flat.numel(), unit="pairs", enabled=bool(progress)) as bar:
+        for start in starts:
+            end = start + pair_batch_size
+            scores.append(score_pairs(queries[start:end], flat[start:end]).float().cpu())
+            bar.update(min(end, flat.numel()) - start)
     if not scores:
         return torch.zeros(candidates.indices.shape)
     return torch.cat(scores).view(candidates.indices.shape)
@@ -70,6 +76,75 @@ def fuse_scores(first_stage: Tensor, reranker: Tensor, weight: float) -> Tensor:
         return (scores - scores.mean(dim=1, keepdim=True)) / scores.std(dim=1, keepdim=True).clamp(min=1e-6)
 
     return (1 - weight) * standardise(reranker.float()) + weight * standardise(first_stage.float())
+
+
+@dataclass
+class RerankedLists:
+    """One direction's first-stage lists and the reranker's scores of them (what the pictures draw).
+
+    Attributes:
+        direction: `image_retrieval` (text queries, image candidates) or `text_retrieval` (the reverse).
+        candidates: each query's first-stage top-K (indices [Q, K] best first, cosine scores [Q, K]).
+        scores: [Q, K] the reranker's scores of those candidates (fused with the first stage's when asked).
+    """
+
+    direction: str
+    candidates: TopKCandidates
+    scores: Tensor
+
+    @property
+    def depth(self) -> int:
+        """K: candidates per query that the reranker reorders."""
+        return int(self.candidates.indices.shape[1])
+
+    def ranked(self, queries: Sequence[int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """The reranked lists of `queries` (default all), best first.
+
+        Returns:
+            Candidate indices [q, K], their reranker scores [q, K], and each one's first-stage position [q, K]
+            (0-based); equal reranker scores keep the first-stage order.
+        """
+        rows = slice(None) if queries is None else torch.as_tensor(list(queries), dtype=torch.long)
+        scores, indices = self.scores[rows], self.candidates.indices[rows]
+        positions = torch.sort(scores, dim=1, descending=True, stable=True).indices  # [q, K]
+        return indices.gather(1, positions), scores.gather(1, positions), positions
+
+
+def rerank_lists(
+    eval_set: EmbeddedEvalSet,
+    score_pairs: PairScoreFn,
+    top_k: int,
+    fusion_weight: float = 0.0,
+    pair_batch_size: int = 512,
+    progress: bool = False,
+) -> dict[str, RerankedLists]:
+    """Both directions' first-stage top-`top_k` lists, rescored by `score_pairs` (see `two_stage_metrics`).
+
+    Returns:
+        `image_retrieval` and `text_retrieval` -> their `RerankedLists` (on the CPU).
+    """
+    directions = (
+        (IMAGE_RETRIEVAL, eval_set.text_emb, eval_set.image_emb, score_pairs),
+        (
+            TEXT_RETRIEVAL,
+            eval_set.image_emb,
+            eval_set.text_emb,
+            lambda images, texts: score_pairs(texts, images),
+        ),
+    )
+    lists: dict[str, RerankedLists] = {}
+    for direction, query_emb, candidate_emb, pair_fn in directions:
+        candidates = top_k_candidates(query_emb, candidate_emb, top_k)
+        candidates = TopKCandidates(
+            candidates.indices.cpu(), candidates.scores.cpu(), candidates.num_candidates
+        )
+        new_scores = rerank_candidates(
+            candidates, pair_fn, pair_batch_size, progress=f"reranking {direction}" if progress else None
+        )
+        lists[direction] = RerankedLists(
+            direction, candidates, fuse_scores(candidates.scores, new_scores, fusion_weight)
+        )
+    return lists
 
 
 def two_stage_metrics(
@@ -99,6 +174,18 @@ def two_stage_metrics(
         (reranked metrics named like `evaluation_metrics`, with seen/unseen variants when marked;
          `{direction}_recall@{top_k}` of the first stage, with the same variants).
     """
+    lists = rerank_lists(eval_set, score_pairs, top_k, fusion_weight, pair_batch_size, progress)
+    return two_stage_summary(eval_set, lists, top_k, ks, ranking_k)
+
+
+def two_stage_summary(
+    eval_set: EmbeddedEvalSet,
+    lists: dict[str, RerankedLists],
+    top_k: int,
+    ks: Sequence[int] = DEFAULT_KS,
+    ranking_k: int = 10,
+) -> tuple[dict[str, float | int], dict[str, float]]:
+    """`two_stage_metrics` of lists already rescored (`rerank_lists`): (reranked metrics, ceiling)."""
     text_to_image = eval_set.text_to_image_relevance()
     text_groups = image_groups = None
     if bool(eval_set.text_unseen.any()):
@@ -106,22 +193,14 @@ def two_stage_metrics(
     if bool(eval_set.image_unseen.any()):
         image_groups = {"seen": ~eval_set.image_unseen, "unseen": eval_set.image_unseen}
     directions = (
-        (IMAGE_RETRIEVAL, eval_set.text_emb, eval_set.image_emb, text_to_image, text_groups, score_pairs),
-        (TEXT_RETRIEVAL, eval_set.image_emb, eval_set.text_emb, text_to_image.transpose(), image_groups,
-         lambda images, texts: score_pairs(texts, images)),
-    )  # fmt: skip
+        (IMAGE_RETRIEVAL, text_to_image, text_groups),
+        (TEXT_RETRIEVAL, text_to_image.transpose(), image_groups),
+    )
     cutoffs = sorted(set(ks) | {ranking_k})
     reranked: dict[str, float | int] = {"num_images": eval_set.num_images, "num_texts": eval_set.num_texts}
     ceiling: dict[str, float] = {}
-    for direction, query_emb, candidate_emb, relevance, groups, pair_fn in directions:
-        candidates = top_k_candidates(query_emb, candidate_emb, top_k)
-        new_scores = rerank_candidates(
-            candidates, pair_fn, pair_batch_size, progress=f"reranking {direction}" if progress else None
-        )
-        new_scores = fuse_scores(candidates.scores.cpu(), new_scores, fusion_weight)
-        candidates = TopKCandidates(
-            candidates.indices.cpu(), candidates.scores.cpu(), candidates.num_candidates
-        )
+    for direction, relevance, groups in directions:
+        candidates, new_scores = lists[direction].candidates, lists[direction].scores
         per_query = per_query_metrics(candidate_score_fn(candidates, new_scores), relevance, cutoffs,
                                       ("recall", "mrr", "ndcg", "map"))  # fmt: skip
         first_stage = per_query_metrics(candidate_score_fn(candidates), relevance, [top_k], ("recall",))
@@ -131,6 +210,31 @@ def two_stage_metrics(
                 first_stage.summarize(queries)[f"recall@{top_k}"]
             )
     return reranked, ceiling
+
+
+def reranked_recall_curves(
+    eval_set: EmbeddedEvalSet, lists: dict[str, RerankedLists]
+) -> dict[str, list[float]]:
+    """Recall@K of the reranked lists for K = 1 .. the rerank depth, in each direction (as `recall_curves`).
+
+    Beyond the depth nothing is reordered: a system that returns the rest of the first-stage ranking after the
+    reranked lists has the first stage's recall@K there (equal to it at K = depth already).
+    """
+    text_to_image = eval_set.text_to_image_relevance()
+    relevance = {IMAGE_RETRIEVAL: text_to_image, TEXT_RETRIEVAL: text_to_image.transpose()}
+    curves: dict[str, list[float]] = {}
+    for direction, reranked in lists.items():
+        depth = reranked.depth
+        if depth == 0:
+            curves[direction] = []
+            continue
+        per_query = per_query_metrics(
+            candidate_score_fn(reranked.candidates, reranked.scores), relevance[direction],
+            range(1, depth + 1), ("recall",),
+        )  # fmt: skip
+        summary = per_query.summarize()
+        curves[direction] = [float(summary[f"recall@{k}"]) for k in range(1, depth + 1)]
+    return curves
 
 
 class PairScorer:
@@ -183,10 +287,11 @@ class PairScorer:
         data.set_preprocess(None, reranker.tokenizer,
                             eval_image_transform=create_transforms(reranker.model, train=False))  # fmt: skip
         patches_of_id: dict[int, tuple[Tensor, Tensor]] = {}
-        for batch in tqdm(data.test_dataloader(), desc="reranker image tokens", unit="batch", file=sys.stderr,
-                          disable=None, leave=False):  # fmt: skip
-            pooled, patches = reranker.encode_images(batch["image"].to(device))  # [B, D], [B, P, Wv]
-            patches_of_id.update(zip(batch["sample_id"].tolist(), zip(pooled, patches)))
+        with Progress("reranker image tokens", unit="images") as bar:
+            for batch in data.test_dataloader():
+                pooled, patches = reranker.encode_images(batch["image"].to(device))  # [B, D], [B, P, Wv]
+                patches_of_id.update(zip(batch["sample_id"].tolist(), zip(pooled, patches)))
+                bar.update(len(batch["sample_id"]))
         ids = eval_set.image_ids.tolist()
         image_emb = torch.stack([patches_of_id[i][0] for i in ids])  # [N, D]
         patches = torch.stack([patches_of_id[i][1] for i in ids])  # [N, P, Wv]

@@ -18,6 +18,12 @@ duplicates, and orders images by id and queries by caption hash, so one process 
 problem. Images whose metadata says `"part": "unseen"` make their captions unseen queries; then the metrics
 also come per part (`seen/image_retrieval_recall@1`, `unseen/text_retrieval_recall@1`, ...).
 
+The protocol (`mmret.evaluation.metrics.PROTOCOLS`) decides what the text queries are: `mmret` (above: one
+query per unique caption) or, with `EvalSetEmbedder(..., protocol="clip_benchmark")`, CLIP_benchmark's: images
+in the order they were read, one text query per caption occurrence relevant to its own image only, each
+occurrence the embedding of its caption string; `evaluation_metrics` then reports CLIP_benchmark's recall@K
+(`clip_benchmark_recall`). That protocol needs the data order, so it is evaluated in one process.
+
 Rescoring (a reranker): `top_k_candidates` gives each query's K best candidates by embedding score, and
 `candidate_score_fn` turns new scores for exactly those candidates into a score function for
 `mmret.evaluation.ranking.compute_retrieval_metrics` (candidates outside the list rank last), so reranked
@@ -37,14 +43,20 @@ from torch import Tensor
 
 from mmret import distributed
 from mmret.evaluation.metrics import (
+    CLIP_BENCHMARK_PROTOCOL,
     IMAGE_RETRIEVAL,
+    MMRET_PROTOCOL,
+    PROTOCOLS,
     TEXT_RETRIEVAL,
+    build_occurrence_queries,
     build_text_queries,
+    clip_benchmark_recall,
     dedupe_by_id,
     retrieval_metrics,
     zeroshot_metrics,
 )
 from mmret.evaluation.ranking import Relevance, ScoreFn
+from mmret.progress import Progress
 
 DEFAULT_KS = (1, 5, 10)
 UNSEEN_PART = "unseen"
@@ -101,17 +113,21 @@ def group_text_queries(
 
 @dataclass
 class EmbeddedEvalSet:
-    """An evaluation set embedded once: images sorted by id, one text query per unique caption.
+    """An evaluation set embedded once: images sorted by id, one text query per unique caption (the `mmret`
+    protocol); or, under the `clip_benchmark` protocol, images in data order and one text query per caption
+    occurrence (image by image), relevant to its own image.
 
     Attributes:
         image_emb: [N, D] float32 L2-normalised image embeddings.
-        image_ids: [N] int64 sample ids, increasing.
+        image_ids: [N] int64 sample ids, increasing (`clip_benchmark`: in data order).
         labels: [N] int64 class labels, -1 where unlabelled.
         image_unseen: [N] bool, True for images marked `"part": "unseen"`.
-        text_emb: [Q, D] float32 embeddings of the unique captions, in caption-hash order.
+        text_emb: [Q, D] float32 embeddings of the unique captions, in caption-hash order (`clip_benchmark`:
+            of each caption occurrence, in data order).
         text_relevant: for each query, the ids of the images it was written for.
         text_unseen: [Q] bool, True for captions of unseen images.
         captions: the Q caption strings (gathered from every rank).
+        protocol: what the queries are and how metrics rank them (`mmret.evaluation.metrics.PROTOCOLS`).
     """
 
     image_emb: Tensor
@@ -122,6 +138,7 @@ class EmbeddedEvalSet:
     text_relevant: list[set[int]]
     text_unseen: Tensor
     captions: list[str] | None = None
+    protocol: str = MMRET_PROTOCOL
 
     @property
     def num_images(self) -> int:
@@ -150,6 +167,10 @@ class EvalSetEmbedder:
         encode_texts: list of caption strings -> [n, D] text embeddings.
         device: where the gathered tensors live (the process group's device: cuda for NCCL, cpu for gloo).
         text_batch_size: captions embedded per `encode_texts` call.
+        progress: description under which `finish()` reports the captions it embeds (`mmret.progress`);
+            None (validation inside a fit) reports nothing.
+        protocol: `mmret` (unique captions as queries) or `clip_benchmark` (one query per caption occurrence,
+            in the order the batches came; one process only).
     """
 
     def __init__(
@@ -158,13 +179,19 @@ class EvalSetEmbedder:
         encode_texts: Callable[[list[str]], Tensor],
         device: torch.device | str = "cpu",
         text_batch_size: int = 256,
+        progress: str | None = None,
+        protocol: str = MMRET_PROTOCOL,
     ) -> None:
         if text_batch_size < 1:
             raise ValueError(f"text_batch_size must be >= 1, got {text_batch_size}")
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
+        self.protocol = protocol
         self.encode_image = encode_image
         self.encode_texts = encode_texts
         self.device = torch.device(device)
         self.text_batch_size = text_batch_size
+        self.progress = progress
         self._image_emb: list[Tensor] = []
         self._image_ids: list[int] = []
         self._labels: list[int] = []
@@ -185,6 +212,8 @@ class EvalSetEmbedder:
     @torch.no_grad()
     def finish(self) -> EmbeddedEvalSet:
         """Embed the unique captions, gather everything from every rank, dedupe and order it."""
+        if self.protocol == CLIP_BENCHMARK_PROTOCOL:
+            return self._finish_clip_benchmark()
         unique_captions, relevant = build_text_queries(self._captions, self._image_ids)
         query_emb = self._embed_texts(unique_captions)  # [q, D]
         unseen_of_image = dict(zip(self._image_ids, self._image_unseen))
@@ -227,13 +256,51 @@ class EvalSetEmbedder:
             captions=captions,
         )
 
+    def _finish_clip_benchmark(self) -> EmbeddedEvalSet:
+        """CLIP_benchmark's queries: images in the order they came, one text per caption occurrence."""
+        if distributed.get_world_size() > 1:
+            raise ValueError("the clip_benchmark protocol follows the data order; evaluate it in one process")
+        first_row: dict[int, int] = {}  # an image read twice (the same shard given twice) counts once
+        for row, image_id in enumerate(self._image_ids):
+            first_row.setdefault(image_id, row)
+        rows = list(first_row.values())
+        image_ids = list(first_row)
+        captions, text_image_ids = build_occurrence_queries([self._captions[row] for row in rows], image_ids)
+        unique_captions = list(dict.fromkeys(captions))  # each caption string embedded once
+        query_emb = self._embed_texts(unique_captions)  # [q, D]
+        image_emb = torch.cat(self._image_emb) if self._image_emb else torch.zeros(0, 0, device=self.device)
+        if query_emb is None:
+            query_emb = torch.zeros(0, image_emb.shape[1], device=self.device)
+        index_of_caption = {caption: index for index, caption in enumerate(unique_captions)}
+        occurrence_rows = [index_of_caption[caption] for caption in captions]
+        unseen_of_image = dict(zip(self._image_ids, self._image_unseen))
+
+        def tensor(values: list, dtype: torch.dtype = torch.long) -> Tensor:
+            return torch.tensor(values, dtype=dtype, device=self.device)
+
+        return EmbeddedEvalSet(
+            image_emb=image_emb[tensor(rows)],
+            image_ids=tensor(image_ids),
+            labels=tensor([self._labels[row] for row in rows]),
+            image_unseen=tensor([self._image_unseen[row] for row in rows], torch.bool),
+            text_emb=query_emb[tensor(occurrence_rows)],  # [M, D]: repeated captions share one embedding
+            text_relevant=[{image_id} for image_id in text_image_ids],
+            text_unseen=tensor([unseen_of_image[image_id] for image_id in text_image_ids], torch.bool),
+            captions=captions,
+            protocol=CLIP_BENCHMARK_PROTOCOL,
+        )
+
     def _embed_texts(self, captions: list[str]) -> Tensor | None:
         if not captions:
             return None
-        chunks = [
-            self.encode_texts(captions[start : start + self.text_batch_size]).float().to(self.device)
-            for start in range(0, len(captions), self.text_batch_size)
-        ]
+        chunks = []
+        with Progress(
+            self.progress or "", len(captions), "captions", enabled=self.progress is not None
+        ) as done:
+            for start in range(0, len(captions), self.text_batch_size):
+                batch = captions[start : start + self.text_batch_size]
+                chunks.append(self.encode_texts(batch).float().to(self.device))
+                done.update(len(batch))
         return torch.cat(chunks)  # [q, D]
 
     def _embedding_dim(self, image_emb: Tensor | None, query_emb: Tensor | None) -> int:
@@ -260,31 +327,52 @@ def evaluation_metrics(
 
     Returns:
         The names of `mmret.evaluation.metrics.retrieval_metrics` (values and counts), `seen/...` and
-        `unseen/...` variants when some image is unseen, and the zero-shot names.
+        `unseen/...` variants when some image is unseen, and the zero-shot names. Under the `clip_benchmark`
+        protocol the retrieval names are those of `clip_benchmark_recall` (recall@K and counts only).
     """
     text_groups = image_groups = None
     if bool(eval_set.text_unseen.any()):
         text_groups = {"seen": ~eval_set.text_unseen, "unseen": eval_set.text_unseen}
     if bool(eval_set.image_unseen.any()):
         image_groups = {"seen": ~eval_set.image_unseen, "unseen": eval_set.image_unseen}
-    metrics = retrieval_metrics(
-        eval_set.image_emb,
-        eval_set.image_ids,
-        eval_set.text_emb,
-        eval_set.text_relevant,
-        ks=tuple(ks),
-        ranking_k=ranking_k,
-        text_query_groups=text_groups,
-        image_query_groups=image_groups,
-    )
+    if eval_set.protocol == CLIP_BENCHMARK_PROTOCOL:
+        metrics = clip_benchmark_recall(
+            eval_set.image_emb,
+            eval_set.text_emb,
+            text_image_index(eval_set),
+            ks=tuple(ks),
+            text_query_groups=text_groups,
+            image_query_groups=image_groups,
+        )
+    else:
+        metrics = retrieval_metrics(
+            eval_set.image_emb,
+            eval_set.image_ids,
+            eval_set.text_emb,
+            eval_set.text_relevant,
+            ks=tuple(ks),
+            ranking_k=ranking_k,
+            text_query_groups=text_groups,
+            image_query_groups=image_groups,
+        )
     labelled = eval_set.labels >= 0
     if classifier is not None and bool(labelled.any()):
         metrics.update(zeroshot_metrics(eval_set.image_emb[labelled], eval_set.labels[labelled], classifier))
     return metrics
 
 
+def text_image_index(eval_set: EmbeddedEvalSet) -> Tensor:
+    """[Q] row in `eval_set.image_emb` of each text query's one image (the `clip_benchmark` protocol's queries)."""
+    index_of_image = {image_id: index for index, image_id in enumerate(eval_set.image_ids.tolist())}
+    if any(len(relevant) != 1 for relevant in eval_set.text_relevant):
+        raise ValueError("text_image_index needs one image per text query (the clip_benchmark protocol)")
+    return torch.tensor(
+        [index_of_image[next(iter(relevant))] for relevant in eval_set.text_relevant], dtype=torch.long
+    )
+
+
 def recall_curves(eval_set: EmbeddedEvalSet, max_k: int = 50) -> dict[str, list[float]]:
-    """Recall@K for K = 1 .. min(max_k, corpus size) in both directions.
+    """Recall@K for K = 1 .. min(max_k, corpus size) in both directions, by the set's protocol.
 
     Returns:
         `image_retrieval` (text query -> images; K up to the number of images) and `text_retrieval` (image
@@ -292,10 +380,15 @@ def recall_curves(eval_set: EmbeddedEvalSet, max_k: int = 50) -> dict[str, list[
     """
     corpus = {IMAGE_RETRIEVAL: eval_set.num_images, TEXT_RETRIEVAL: eval_set.num_texts}
     top = min(max_k, max(corpus.values()))
-    metrics = retrieval_metrics(
-        eval_set.image_emb, eval_set.image_ids, eval_set.text_emb, eval_set.text_relevant,
-        ks=tuple(range(1, top + 1)),
-    )  # fmt: skip
+    if eval_set.protocol == CLIP_BENCHMARK_PROTOCOL:
+        metrics = clip_benchmark_recall(
+            eval_set.image_emb, eval_set.text_emb, text_image_index(eval_set), ks=tuple(range(1, top + 1))
+        )
+    else:
+        metrics = retrieval_metrics(
+            eval_set.image_emb, eval_set.image_ids, eval_set.text_emb, eval_set.text_relevant,
+            ks=tuple(range(1, top + 1)),
+        )  # fmt: skip
     return {
         direction: [float(metrics[f"{direction}_recall@{k}"]) for k in range(1, min(top, size) + 1)]
         for direction, size in corpus.items()

@@ -12,14 +12,12 @@ metric of mmret is computed on. `module` is anything with `encode_image`, `encod
 
 from __future__ import annotations
 
-import math
-import sys
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from mmret.errors import UsageError
+from mmret.progress import Progress
 
 SPLITS = ("train", "val", "test")
 DEVICES = ("auto", "cpu", "cuda")
@@ -76,8 +74,18 @@ def check_has_captions(sources, data_path: Path) -> None:
     )
 
 
-def embed_data(module, data, device: torch.device, batch_size: int, description: str):
-    """Embed the data module's test set with `module` (eval transform, its tokenizer), with a progress bar.
+def embed_data(
+    module,
+    data,
+    device: torch.device,
+    batch_size: int,
+    description: str,
+    progress: bool = True,
+    protocol: str = "mmret",
+):
+    """Embed the data module's test set with `module` (eval transform, its tokenizer), reporting progress
+    (`mmret.progress`: images, then unique captions) as `description` unless `progress` is False.
+    `protocol` (`mmret.evaluation.metrics.PROTOCOLS`) decides what the text queries are.
 
     Returns:
         The `EmbeddedEvalSet`, and sample id -> shard key of every image (to find example images again).
@@ -89,24 +97,22 @@ def embed_data(module, data, device: torch.device, batch_size: int, description:
         None, module.tokenizer, eval_image_transform=create_transforms(module.model, train=False)
     )
     embedder = EvalSetEmbedder(
-        module.encode_image, module.encode_texts, device=device, text_batch_size=batch_size
+        module.encode_image,
+        module.encode_texts,
+        device=device,
+        text_batch_size=batch_size,
+        progress=description if progress else None,
+        protocol=protocol,
     )
-    known = sum(source.num_samples or 0 for source in data.sources("test"))
+    sizes = [source.num_samples for source in data.sources("test")]
+    known = None if None in sizes else sum(sizes)  # from dataset.json; skipped samples make it an upper bound
     keys: dict[int, str] = {}
-    batches = tqdm(
-        data.test_dataloader(),
-        total=math.ceil(known / batch_size) or None,
-        desc=description,
-        unit="batch",
-        file=sys.stderr,
-        disable=None,  # a bar on terminals only: logs and captured stderr stay clean
-        leave=False,
-        dynamic_ncols=True,
-    )
-    for batch in batches:
-        batch["image"] = batch["image"].to(device)
-        embedder.add_batch(batch)
-        keys.update(zip(batch["sample_id"].tolist(), batch["key"]))
+    with Progress(description, total=known, unit="images", enabled=progress) as images_done:
+        for batch in data.test_dataloader():
+            batch["image"] = batch["image"].to(device)
+            embedder.add_batch(batch)
+            keys.update(zip(batch["sample_id"].tolist(), batch["key"]))
+            images_done.update(len(batch["key"]))
     return embedder.finish(), keys
 
 

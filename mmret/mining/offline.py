@@ -14,7 +14,7 @@ avoids the likeliest unlabelled positives); `--margin M` keeps only scores <= po
 `--relative-margin R` only scores <= positive × (1 − R), where "positive" is the query's best positive score
 (both drop near-duplicates of the positive: probable false negatives). Then `--sampling top` keeps the best
 `--num-negatives`, `random` draws them uniformly (seeded) from the eligible ones. Scoring is chunked over
-queries (memory O(chunk × candidates)), with a progress bar.
+queries (memory O(chunk × candidates)), with progress on stderr (`mmret.progress`).
 
 Output: the mined-negatives file of `mmret.data.mined_negatives` (a header line, then one record per query),
 written by `mine_to_file`.
@@ -23,7 +23,6 @@ written by `mine_to_file`.
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,9 +31,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm import tqdm
 
 from mmret.data.mined_negatives import write_mined_negatives
+from mmret.progress import Progress
 
 DIRECTIONS = ("text_to_image", "image_to_text", "both")
 SAMPLING = ("top", "random")
@@ -78,6 +77,7 @@ def mine_hard_negatives(
     seed: int = 0,
     chunk_size: int = 1024,
     progress: bool = False,
+    description: str = "mining hard negatives",
 ) -> list[MinedNegatives]:
     """Hard negatives of every query by cosine similarity, positives excluded.
 
@@ -93,7 +93,8 @@ def mine_hard_negatives(
         sampling: "top": the best eligible ones; "random": uniformly drawn among the eligible (seeded).
         seed: seed of "random" sampling.
         chunk_size: queries scored at once.
-        progress: show a progress bar on stderr.
+        progress: report progress on stderr (`mmret.progress`), as `description`.
+        description: what the progress report calls this run.
 
     Returns:
         One `MinedNegatives` per query (indices into the candidates, sorted by score, best first).
@@ -109,52 +110,57 @@ def mine_hard_negatives(
     depth = min(range_max, candidate_t.shape[1])
     rng = np.random.default_rng(seed)
     results: list[MinedNegatives] = []
-    starts = range(0, query_emb.shape[0], chunk_size)
-    for start in tqdm(
-        starts, desc="mining", unit="chunk", file=sys.stderr, disable=not progress, leave=False
-    ):
-        scores = query_emb[start : start + chunk_size] @ candidate_t  # [b, C]
-        rows = [(row, index) for row, query in enumerate(range(start, start + scores.shape[0]))
-                for index in positives[query]]  # fmt: skip
-        positive_score = torch.full((scores.shape[0],), float("nan"))
-        if rows:
-            row_index, column_index = (torch.tensor(values) for values in zip(*rows))
-            best = torch.full((scores.shape[0],), float("-inf")).scatter_reduce(
-                0, row_index, scores[row_index, column_index], reduce="amax"
-            )
-            positive_score = torch.where(torch.isinf(best), positive_score, best)
-            scores[row_index, column_index] = float("-inf")  # positives are never negatives
-        top = scores.topk(depth, dim=1) if depth else None
-        for row in range(scores.shape[0]):
-            values = top.values[row, range_min:].tolist() if top is not None else []
-            indices = top.indices[row, range_min:].tolist() if top is not None else []
-            reference = float(positive_score[row])
-            keep = []
-            for value, index in zip(values, indices):
-                if value == float("-inf"):
-                    continue
-                if margin is not None and reference == reference and value > reference - margin:
-                    continue
-                if (
-                    relative_margin is not None
-                    and reference == reference
-                    and value > reference * (1 - relative_margin)
-                ):
-                    continue
-                keep.append((value, index))
-            if sampling == "random" and len(keep) > num_negatives:
-                chosen = sorted(rng.choice(len(keep), size=num_negatives, replace=False).tolist())
-                keep = [keep[i] for i in chosen]
-            keep = keep[:num_negatives]
-            results.append(MinedNegatives([i for _, i in keep], [v for v, _ in keep], reference))
+    with Progress(description, query_emb.shape[0], "queries", enabled=progress) as queries_done:
+        for start in range(0, query_emb.shape[0], chunk_size):
+            scores = query_emb[start : start + chunk_size] @ candidate_t  # [b, C]
+            rows = [(row, index) for row, query in enumerate(range(start, start + scores.shape[0]))
+                    for index in positives[query]]  # fmt: skip
+            positive_score = torch.full((scores.shape[0],), float("nan"))
+            if rows:
+                row_index, column_index = (torch.tensor(values) for values in zip(*rows))
+                best = torch.full((scores.shape[0],), float("-inf")).scatter_reduce(
+                    0, row_index, scores[row_index, column_index], reduce="amax"
+                )
+                positive_score = torch.where(torch.isinf(best), positive_score, best)
+                scores[row_index, column_index] = float("-inf")  # positives are never negatives
+            top = scores.topk(depth, dim=1) if depth else None
+            for row in range(scores.shape[0]):
+                values = top.values[row, range_min:].tolist() if top is not None else []
+                indices = top.indices[row, range_min:].tolist() if top is not None else []
+                reference = float(positive_score[row])
+                keep = []
+                for value, index in zip(values, indices):
+                    if value == float("-inf"):
+                        continue
+                    if margin is not None and reference == reference and value > reference - margin:
+                        continue
+                    if (
+                        relative_margin is not None
+                        and reference == reference
+                        and value > reference * (1 - relative_margin)
+                    ):
+                        continue
+                    keep.append((value, index))
+                if sampling == "random" and len(keep) > num_negatives:
+                    chosen = sorted(rng.choice(len(keep), size=num_negatives, replace=False).tolist())
+                    keep = [keep[i] for i in chosen]
+                keep = keep[:num_negatives]
+                results.append(MinedNegatives([i for _, i in keep], [v for v, _ in keep], reference))
+            queries_done.update(scores.shape[0])
     return results
 
 
 def mine_to_file(
-    eval_set, options: MiningOptions, output: str | os.PathLike, model: str, data: str = ""
+    eval_set,
+    options: MiningOptions,
+    output: str | os.PathLike,
+    model: str,
+    data: str = "",
+    progress: bool = True,
 ) -> dict:
-    """Mine every query of an embedded eval set and write the mined-negatives file; returns its counts."""
-    records = list(mine_records(eval_set, options))
+    """Mine every query of an embedded eval set and write the mined-negatives file; returns its counts
+    (`progress`: report each direction's mining on stderr)."""
+    records = list(mine_records(eval_set, options, progress))
     counts = {
         "queries": len(records),
         "negatives": sum(len(r.get("negative_ids", r.get("negative_captions", []))) for r in records),
@@ -168,7 +174,7 @@ def mine_to_file(
     return counts
 
 
-def mine_records(eval_set, options: MiningOptions) -> Iterator[dict]:
+def mine_records(eval_set, options: MiningOptions, progress: bool = True) -> Iterator[dict]:
     """The records of the mined-negatives file: text -> image per unique caption, image -> text per image."""
     image_ids = eval_set.image_ids.tolist()
     relevance = eval_set.text_to_image_relevance()
@@ -177,9 +183,10 @@ def mine_records(eval_set, options: MiningOptions) -> Iterator[dict]:
     captions = eval_set.captions or [f"query {q}" for q in range(eval_set.num_texts)]
     common = dict(num_negatives=options.num_negatives, range_min=options.range_min, range_max=options.range_max,
                   margin=options.margin, relative_margin=options.relative_margin, sampling=options.sampling,
-                  seed=options.seed, chunk_size=options.chunk_size, progress=True)  # fmt: skip
+                  seed=options.seed, chunk_size=options.chunk_size, progress=progress)  # fmt: skip
     if options.direction in ("text_to_image", "both"):
-        mined = mine_hard_negatives(eval_set.text_emb, eval_set.image_emb, image_positives, **common)
+        mined = mine_hard_negatives(eval_set.text_emb, eval_set.image_emb, image_positives, **common,
+                                    description="mining text_to_image negatives")  # fmt: skip
         for query, result in enumerate(mined):
             yield {
                 "direction": "text_to_image",
@@ -194,7 +201,8 @@ def mine_records(eval_set, options: MiningOptions) -> Iterator[dict]:
         for query, images in enumerate(image_positives):
             for image in images:
                 text_positives[image].append(query)
-        mined = mine_hard_negatives(eval_set.image_emb, eval_set.text_emb, text_positives, **common)
+        mined = mine_hard_negatives(eval_set.image_emb, eval_set.text_emb, text_positives, **common,
+                                    description="mining image_to_text negatives")  # fmt: skip
         for image, result in enumerate(mined):
             yield {
                 "direction": "image_to_text",

@@ -17,6 +17,7 @@ import urllib.error
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from huggingface_hub import constants as hub_constants
 from huggingface_hub import errors as hub_errors
 
 from mmret.errors import UsageError
@@ -38,6 +39,38 @@ DEFAULT_HINT = (
     "download it on a machine with internet (open_clip/huggingface_hub cache it under $HF_HOME) and either "
     "pass the local file or directory instead, or copy that cache here and set HF_HOME"
 )
+
+
+_REACHABLE: dict[str, bool] = {}  # hub host -> could this process connect to it (probed once)
+PROBE_TIMEOUT_S = 3.0
+
+
+def hub_host() -> str:
+    from urllib.parse import urlparse
+
+    return urlparse(hub_constants.ENDPOINT).hostname or "huggingface.co"
+
+
+def hub_reachable(timeout: float = PROBE_TIMEOUT_S) -> bool:
+    """Whether a TCP connection to the hub opens within `timeout` seconds (asked once per process)."""
+    host = hub_host()
+    if host not in _REACHABLE:
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            _REACHABLE[host] = True
+        except OSError:  # no DNS, no route, refused, timed out
+            _REACHABLE[host] = False
+    return _REACHABLE[host]
+
+
+def offline_unless_reachable() -> bool:
+    """Switch huggingface_hub (and transformers, open_clip and timm through it) to offline mode for this process
+    when the hub cannot be reached, so files already in the cache still load and a missing one fails at once,
+    instead of after huggingface_hub's retries (~50 s of warnings). Returns True when it switched."""
+    if hub_constants.HF_HUB_OFFLINE or hub_reachable():
+        return False
+    hub_constants.HF_HUB_OFFLINE = True
+    return True
 
 
 def _exception_chain(err: BaseException) -> Iterator[BaseException]:
@@ -83,6 +116,7 @@ def explain_download_errors(what: str, hint: str = DEFAULT_HINT) -> Iterator[Non
         what: What was being fetched, e.g. "pretrained weights 'openai' for model 'ViT-B-32'".
         hint: What the user can do about it.
     """
+    unreachable = offline_unless_reachable() or _REACHABLE.get(hub_host()) is False
     try:
         yield
     except UsageError:
@@ -91,5 +125,6 @@ def explain_download_errors(what: str, hint: str = DEFAULT_HINT) -> Iterator[Non
         cause = network_cause(err)
         if cause is None:
             raise
+        reason = f"{hub_host()} cannot be reached from this machine" if unreachable else _one_line(cause)
         # `from None`: the point is to replace a 40-line chained traceback with this one sentence.
-        raise UsageError(f"could not download {what} ({_one_line(cause)}); {hint}") from None
+        raise UsageError(f"could not download {what} ({reason}); {hint}") from None

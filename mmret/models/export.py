@@ -3,6 +3,7 @@
     DIR/open_clip_config.json        {"model_cfg": {...}, "preprocess_cfg": {...}, "mmret": {...}}
     DIR/open_clip_model.safetensors  the full model state dict
     DIR/config.json, tokenizer files only for Hugging Face text towers (see below)
+    DIR/README.md                    the model card (`mmret.models.model_card`)
 
 This is the layout open_clip's `push_to_hf_hub` uploads, so any of these loads the directory:
 
@@ -12,9 +13,11 @@ This is the layout open_clip's `push_to_hf_hub` uploads, so any of these loads t
 
 Hugging Face text towers: open_clip rebuilds the tower from `text_cfg.hf_model_name` via
 `AutoConfig.from_pretrained`, and for `local-dir:` reads an HF tokenizer from DIR itself. So the export keeps
-the tower's `config.json` and tokenizer files in DIR, and writes `hf_model_name` / `hf_tokenizer_name` as DIR's
-absolute path: it loads with no network, but open_clip alone finds it only at that path (mmret re-points the
-names to wherever DIR is now). Before uploading DIR to the hub, export with `hf_model_name="org/hub-model"`.
+the tower's `config.json` and tokenizer files in DIR and writes `hf_model_name` / `hf_tokenizer_name` as ".":
+DIR itself, wherever it is. mmret (`DualEncoder.load`, `create_model("local-dir:" + DIR)`) resolves "." to DIR,
+so a moved or copied export loads with no network on any machine; open_clip alone resolves it against the
+working directory (run it from DIR), and before uploading DIR to the hub, export with
+`hf_model_name="org/hub-model"`.
 
 The directory is written next to its destination under a temporary name and renamed at the end, so an
 interrupted export leaves nothing half-written.
@@ -39,6 +42,7 @@ from mmret.errors import UsageError
 from mmret.io import atomic_output_dir, follow_umask
 from mmret.models.downloads import explain_download_errors
 from mmret.models.factory import model_info
+from mmret.models.model_card import CardInfo, write_model_card
 from mmret.models.registry import (
     HUB_CONFIG_NAME,
     HUB_WEIGHTS_NAME,
@@ -54,6 +58,7 @@ def export_open_clip(
     *,
     overwrite: bool = False,
     hf_model_name: str | None = None,
+    card: CardInfo | None = None,
 ) -> Path:
     """Write `model` to `output_dir` as open_clip_config.json + open_clip_model.safetensors.
 
@@ -65,8 +70,10 @@ def export_open_clip(
         output_dir: Destination directory; must not exist (or be empty) unless `overwrite`.
         overwrite: Replace an existing directory (atomically: the old one is removed only after the new one
             is in place).
-        hf_model_name: For HF text towers, the hub id to write as `hf_model_name` instead of DIR's path
+        hf_model_name: For HF text towers, the hub id to write as `hf_model_name` instead of "." (DIR)
             (makes the export portable to other machines with internet, e.g. before a hub upload).
+        card: What the model card (README.md, `mmret.models.model_card`) says; None: a card without training
+            details.
 
     Returns:
         The absolute path of the written directory.
@@ -88,9 +95,10 @@ def export_open_clip(
         original_hf_name = text_cfg.get("hf_model_name")
         if original_hf_name:
             _write_hf_text_files(model, text_cfg, tmp_dir)
-            text_cfg["hf_model_name"] = hf_model_name or str(output_dir)
+            # ".": the export folder itself, wherever it is later (never this machine's absolute path)
+            text_cfg["hf_model_name"] = hf_model_name or "."
             if text_cfg.get("hf_tokenizer_name"):  # without one, open_clip uses its CLIP BPE tokenizer
-                text_cfg["hf_tokenizer_name"] = str(output_dir)
+                text_cfg["hf_tokenizer_name"] = "."
         save_file(state_dict, str(tmp_dir / HUB_WEIGHTS_NAME), metadata={"format": "pt"})
         config = {
             "model_cfg": model_cfg,
@@ -98,6 +106,8 @@ def export_open_clip(
             "mmret": {"version": mmret.__version__, "source": source_name, "hf_model_name": original_hf_name},
         }
         (tmp_dir / HUB_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        family = "siglip" if getattr(model, "logit_bias", None) is not None else "clip"
+        write_model_card(tmp_dir, card or CardInfo(model_name=output_dir.name), "open_clip", family)
         follow_umask(tmp_dir)  # safetensors (and HF's save_pretrained through it) write 0600
     return output_dir
 

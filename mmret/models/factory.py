@@ -200,7 +200,7 @@ def _create_from_config(
     with tempfile.TemporaryDirectory(prefix="mmret-model-") as tmp:
         config = {"model_cfg": model_cfg, "preprocess_cfg": source.preprocess_cfg}
         (Path(tmp) / HUB_CONFIG_NAME).write_text(json.dumps(config), encoding="utf-8")
-        with explain_download_errors(what), _drop_logs_mentioning(tmp):
+        with explain_download_errors(what), _drop_logs_mentioning(tmp), quiet_transformers():
             model = open_clip.create_model(f"local-dir:{tmp}", **common, **open_clip_args)
     if checkpoint is not None:
         _load_checkpoint(model, checkpoint, source.name, weights_only=overrides.get("weights_only", True))
@@ -239,6 +239,27 @@ def _drop_logs_mentioning(text: str) -> Iterator[None]:
         yield
     finally:
         root.removeFilter(keep)
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Hide what transformers prints (its info logs, progress bars, and the load report that lists the BERT pooler
+    weights as unexpected when open_clip builds an HF text tower: open_clip pools the tokens itself, so they are
+    unused by design); its errors still show."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # no HF towers without transformers
+        yield
+        return
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def model_info(model: torch.nn.Module) -> dict:

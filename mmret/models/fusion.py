@@ -34,7 +34,8 @@ def image_tokens(model: nn.Module, images: Tensor, patch_embeddings: bool = Fals
     """An open_clip image tower's L2-normalised embedding and its patch tokens.
 
     Args:
-        model: an open_clip CLIP / CustomTextCLIP whose `visual` is a VisionTransformer.
+        model: an open_clip CLIP / CustomTextCLIP whose `visual` is a VisionTransformer, or a timm tower (its
+            trunk's last feature map, one token per position, e.g. a ResNet's 2 x 2 grid at 64 px).
         images: [B, 3, H, W].
         patch_embeddings: also return each patch's embedding at the tower's input (the output of `ln_pre`:
             patch pixels projected, plus the tower's position embedding), concatenated to its final token
@@ -46,9 +47,22 @@ def image_tokens(model: nn.Module, images: Tensor, patch_embeddings: bool = Fals
         ([B, P, 2 Wv] with `patch_embeddings`).
     """
     visual = model.visual
+    trunk = getattr(visual, "trunk", None)
+    if trunk is not None and hasattr(trunk, "forward_features") and hasattr(trunk, "forward_head"):
+        # open_clip's timm tower: the trunk's last feature map is the token grid, [B, C, H, W] -> [B, H*W, C]
+        # (a timm ViT trunk gives [B, N, C] already); the pooled embedding is the tower's own head on it.
+        if patch_embeddings:
+            raise ValueError(
+                f"image tower {type(trunk).__name__} (timm) has no patch embeddings; leave "
+                "fusion_patch_embeddings off"
+            )
+        features = trunk.forward_features(images)
+        pooled = visual.head(trunk.forward_head(features))
+        tokens = features.flatten(2).transpose(1, 2) if features.ndim == 4 else features
+        return F.normalize(pooled, dim=-1), tokens
     if not hasattr(visual, "output_tokens"):
         raise ValueError(
-            f"image tower {type(visual).__name__} cannot return patch tokens; use an open_clip ViT"
+            f"image tower {type(visual).__name__} cannot return patch tokens; use an open_clip ViT or timm tower"
         )
     captured: list[Tensor] = []
     hook = (

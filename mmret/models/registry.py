@@ -8,6 +8,10 @@ imported, so `open_clip.list_models()` and `open_clip.create_model("test-vit-tin
     test-vit-tiny     CLIP, ViT 64 px / patch 8, 4 layers, width 128; text 2 layers, context 16; embed 128
                       (the size the benchmark against open_clip's own trainer uses)
     test-siglip-tiny  CustomTextCLIP with SigLIP's init (logit scale 10, logit bias -10), 32 px, embed 64
+    test-siglip-vit-tiny  SigLIP's architecture at toy size: timm ViT without class token, attention-pooled
+                      (`mmret_test_vit_siglip`, `mmret.models.timm_towers`), 32 px, width = embed 64; text
+                      bidirectional, pooled at the last of 64 positions; SigLIP's init. Unlike test-siglip-tiny
+                      (average-pooled ViT with a class token) it maps exactly onto transformers.SiglipModel
     test-timm-minilm  timm `test_resnet` image tower (random, BatchNorm) + the real pretrained MiniLM-L6
                       text tower (mean pooling, linear projection to 128), 64 px
 

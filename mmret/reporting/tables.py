@@ -1,4 +1,4 @@
-"""Paper tables from results files (`mmret table`): rows x columns, mean ± std over seeds, best per column bold.
+"""Paper tables from results files (`mmret table`): rows x columns, mean ± std over seeds, best per data set bold.
 
     mmret table experiments/tables/digits_loss_batch.yaml                 # markdown on stdout
     mmret table experiments/tables/digits_loss_batch.yaml --format latex --output paper/table1.tex
@@ -32,8 +32,14 @@ A row averages runs that differ by seed alone. Each results file has an identity
 - `model`: the model and how it was evaluated (`config`: checkpoint hyperparameters, reranker, split, templates,
   fusion; and `top_k`), with seed values and `seed<N>` parts of paths ignored, and the evaluation's batch size,
   device and workers left out.
+- `protocol`: how the retrieval metrics were computed (`mmret` or `clip_benchmark`, the results' `protocol`; a
+  file without one was written before it existed, under `mmret`).
 A spec row whose files differ in `data`, `task` or `model` is refused (one line naming both files) unless the
-row names what it averages over: `average_over: [data]` (any of data, task, model).
+row names what it averages over: `average_over: [data]` (any of data, task, model). Numbers of two protocols
+are never averaged (a row mixing them is refused), and never stand in one column unless the rows are grouped
+apart: each row of the spec names its protocol (`protocol: clip_benchmark`, checked against its files), or,
+for results files given directly, the grouping keeps `protocol` (the default); rows are then named with their
+protocol and bold compares rows of the same protocol only.
 
 Relative paths are resolved against the working directory. Given results files on the command line instead of a
 spec, the rows are grouped by every identity key: files share a row only when they differ by seed alone (a
@@ -43,8 +49,13 @@ columns are `--metrics` (default: recall@1/5 in both directions and acc1, each w
 without a default metric shows `–` there).
 
 A value is the mean over a row's files; with two or more files it is shown as mean ± sample standard deviation.
-The best mean of each column (after rounding to the shown decimals; ties all win) is bold. A missing file or
-metric is an error that names the row, the file and the metric.
+Bold marks the best mean of a column (after rounding to the shown decimals; ties all win) among the rows of the
+same data set (the results' `data`; a row averaged over several data sets is compared with rows of the same
+ones): numbers of different data sets are not comparable. A column with fewer than two values of a data set
+has nothing to compare there and no bold, so neither has a one-row table. A missing file or metric is an error
+that names the row, the file and the metric; a reranked column (`reranked_metrics`) shows `–` for a row whose
+results files were all evaluated without a reranker (they have no `reranked_metrics`), so first-stage-only
+results mix with reranked ones.
 """
 
 from __future__ import annotations
@@ -71,11 +82,12 @@ DEFAULT_METRICS = (
 )
 SOURCES = ("metrics", "reranked_metrics")
 # What a results file is a result of; a row averages files that agree on all of them unless told otherwise.
-IDENTITY_KEYS = ("path", "data", "task", "model")
+IDENTITY_KEYS = ("path", "data", "task", "model", "protocol")
 _MIXABLE = ("data", "task", "model")
 _SEED_PART = re.compile(r"seed[-_=]?\d+")
 # Evaluation options that do not change what was measured (left out of the `model` identity).
 _EVAL_RUNTIME = ("batch_size", "device", "num_workers", "reranker")
+DEFAULT_PROTOCOL = "mmret"  # what a results file without a "protocol" was evaluated under
 MISSING = "–"
 
 
@@ -95,13 +107,15 @@ class Row:
     """One row: the results files of its seeds, and the results section to read (None: each column's).
 
     `average_over`: identity keys (`data`, `task`, `model`) in which the row's files may differ; they must
-    agree on the others.
+    agree on the others. `protocol`: the evaluation protocol the row declares (None: not declared); rows of
+    different protocols share a table only when each declares its own.
     """
 
     name: str
     files: list[Path]
     source: str | None = None
     average_over: frozenset[str] = frozenset()
+    protocol: str | None = None
 
 
 @dataclass
@@ -196,6 +210,9 @@ def _row(entry, path: Path, index: int) -> Row:
             f"table spec {path}: row {name!r} has average_over {entry['average_over']!r}; "
             f"expected a list of {', '.join(_MIXABLE)}"
         )
+    protocol = entry.get("protocol")
+    if protocol is not None and not isinstance(protocol, str):
+        raise UsageError(f"table spec {path}: row {name!r} has protocol {protocol!r}; expected mmret, ...")
     patterns = entry["results"] if isinstance(entry["results"], list) else [entry["results"]]
     files: list[Path] = []
     for pattern in patterns:
@@ -203,7 +220,7 @@ def _row(entry, path: Path, index: int) -> Row:
         if not matches:
             raise UsageError(f"table spec {path}: row {name!r}: no results file matches {pattern}")
         files.extend(Path(m) for m in matches)
-    return Row(name=name, files=files, source=source, average_over=frozenset(average_over))
+    return Row(name=name, files=files, source=source, average_over=frozenset(average_over), protocol=protocol)
 
 
 def rows_from_sweep(sweep_path: Path) -> list[Row]:
@@ -246,7 +263,11 @@ def spec_from_files(
     groups = list(rows.values())
     names = _row_names([identities[group[0]] for group in groups], keys)
     average_over = frozenset(_MIXABLE) - set(keys)
-    table_rows = [Row(name=n, files=g, average_over=average_over) for n, g in zip(names, groups)]
+    protocols = [identities[group[0]]["protocol"] if "protocol" in keys else None for group in groups]
+    table_rows = [
+        Row(name=n, files=g, average_over=average_over, protocol=p)
+        for n, g, p in zip(names, groups, protocols)
+    ]
     if metrics:
         columns = [_column_from_name(m) for m in metrics]
     else:
@@ -276,7 +297,8 @@ def result_identity(path: Path, results: dict, with_file_name: bool = True) -> d
     evaluation = config.get("eval") if isinstance(config.get("eval"), dict) else {}
     model = {
         **{k: v for k, v in config.items() if k != "eval"},
-        "eval": {k: v for k, v in evaluation.items() if k not in _EVAL_RUNTIME},
+        # the protocol is an identity key of its own (not one of the model's, so `average_over` never mixes it)
+        "eval": {k: v for k, v in evaluation.items() if k not in (*_EVAL_RUNTIME, "protocol")},
         "top_k": results.get("top_k"),
     }
     data = results.get("data")
@@ -285,6 +307,7 @@ def result_identity(path: Path, results: dict, with_file_name: bool = True) -> d
         "data": os.path.normpath(data) if isinstance(data, str) and data else data,
         "task": results.get("task"),
         "model": _without_seeds(model),
+        "protocol": results.get("protocol") or DEFAULT_PROTOCOL,
     }
 
 
@@ -332,7 +355,7 @@ def _row_names(identities: list[dict], keys: list[str]) -> list[str]:
         members = [j for j, b in enumerate(bases) if b == base]
         if len(members) < 2:
             continue
-        for key in (k for k in keys if k != "path"):
+        for key in (k for k in keys if k not in ("path", "protocol")):  # protocols: below, on every row
             leaves = [_leaves(identities[j][key]) for j in members]
             varying = [
                 leaf
@@ -346,6 +369,10 @@ def _row_names(identities: list[dict], keys: list[str]) -> list[str]:
                     labels[j].append(
                         value if key in ("data", "task") else f"{leaf.rsplit('.', 1)[-1]}={value}"
                     )
+    # rows grouped apart by protocol say which is which
+    if "protocol" in keys and len({i["protocol"] for i in identities}) > 1:
+        for label, identity in zip(labels, identities):
+            label.append(f"{identity['protocol']} protocol")
     names = [
         f"{base} [{', '.join(label)}]" if base and label else base or ", ".join(label) or "all runs"
         for base, label in zip(bases, labels)
@@ -397,12 +424,15 @@ def _read_results(path: Path) -> dict:
 
 
 def check_rows(spec: TableSpec, cache: dict[Path, dict] | None = None) -> None:
-    """Every row averages runs that differ by seed alone, or only in what its `average_over` names.
+    """Every row averages runs that differ by seed alone, or only in what its `average_over` names; never
+    runs of two protocols, and a column holds two protocols only when every row declares its own.
 
     Raises:
-        UsageError: a row mixes data sets, tasks or models (naming the row, two files and what differs).
+        UsageError: a row mixes data sets, tasks, models or protocols (naming the row, two files and what
+            differs), or a column would mix protocols of rows that do not say theirs.
     """
     cache = {} if cache is None else cache
+    check_protocols(spec, cache)
     for row in spec.rows:
         if len(row.files) < 2:
             continue
@@ -426,50 +456,132 @@ def check_rows(spec: TableSpec, cache: dict[Path, dict] | None = None) -> None:
                 )
 
 
+def row_protocols(spec: TableSpec, cache: dict[Path, dict] | None = None) -> list[str]:
+    """The evaluation protocol of each row (that of its first file; `check_protocols` makes them agree)."""
+    cache = {} if cache is None else cache
+    return [
+        result_identity(row.files[0], cache.setdefault(row.files[0], _read_results(row.files[0])))["protocol"]
+        for row in spec.rows
+    ]
+
+
+def check_protocols(spec: TableSpec, cache: dict[Path, dict] | None = None) -> None:
+    """No row averages two protocols; no column holds two unless every row declares its protocol.
+
+    Raises:
+        UsageError: in one line, naming the row(s), the files and the protocols.
+    """
+    cache = {} if cache is None else cache
+    first_of_protocol: dict[str, tuple[str, Path]] = {}
+    for row in spec.rows:
+        protocols = {
+            file: result_identity(file, cache.setdefault(file, _read_results(file)))["protocol"]
+            for file in row.files
+        }
+        first, protocol = next(iter(protocols.items()))
+        other = next((file for file, p in protocols.items() if p != protocol), None)
+        if other is not None:
+            raise UsageError(
+                f"row {row.name!r} mixes protocols ({protocol} and {protocols[other]}): {first} and {other}; "
+                "numbers of two protocols are never averaged: give them separate rows"
+            )
+        if row.protocol is not None and row.protocol != protocol:
+            raise UsageError(
+                f"row {row.name!r} declares protocol {row.protocol} but {first} was evaluated under {protocol}"
+            )
+        first_of_protocol.setdefault(protocol, (row.name, first))
+    if len(first_of_protocol) > 1 and any(row.protocol is None for row in spec.rows):
+        (name_a, file_a), (name_b, file_b) = list(first_of_protocol.values())[:2]
+        protocol_a, protocol_b = list(first_of_protocol)[:2]
+        raise UsageError(
+            f"the table's columns would mix protocols: row {name_a!r} ({file_a}) is {protocol_a}, row "
+            f"{name_b!r} ({file_b}) is {protocol_b}; group them apart: a `protocol:` on every row of the spec, "
+            "or keep `protocol` in --group-by"
+        )
+
+
 def table_cells(spec: TableSpec) -> list[list[Cell]]:
-    """Mean and std over each row's files, scaled, with the best of each column marked bold."""
+    """Mean and std over each row's files, scaled, with the best of each column per data set marked bold."""
     cache: dict[Path, dict] = {}
     check_rows(spec, cache)
-    cells: list[list[Cell]] = []
-    for row in spec.rows:
-        line = []
-        for column in spec.columns:
-            values = []
-            source = row.source or column.source
-            missing = []
-            for file in row.files:
-                metrics = cache.setdefault(file, _read_results(file)).get(source) or {}
-                if column.metric not in metrics:
-                    missing.append((file, metrics))
-                    continue
-                try:
-                    value = float(metrics[column.metric])
-                except (TypeError, ValueError):
-                    raise UsageError(
-                        f"row {row.name!r}: {file} has {source}[{column.metric!r}] = "
-                        f"{metrics[column.metric]!r}; expected a number"
-                    ) from None
-                values.append(value * spec.scale)
-            if missing and (values or not column.optional):
-                file, metrics = missing[0]
-                raise UsageError(
-                    f"row {row.name!r}: {file} has no {source}[{column.metric!r}] "
-                    f"(it has: {', '.join(sorted(metrics)[:12]) or 'nothing'})"
-                )
-            if not values:
-                line.append(Cell(mean=math.nan, std=None, count=0))
-                continue
-            std = statistics.stdev(values) if len(values) > 1 else None
-            line.append(Cell(mean=statistics.fmean(values), std=std, count=len(values)))
-        cells.append(line)
+    cells = [[_cell(spec, row, column, cache) for column in spec.columns] for row in spec.rows]
     for j, column in enumerate(spec.columns):
-        shown = [round(line[j].mean, spec.decimals) for line in cells if math.isfinite(line[j].mean)]
-        if not shown:
-            continue
-        best = max(shown) if column.higher_is_better else min(shown)
-        for line in cells:
-            line[j].bold = line[j].count > 0 and round(line[j].mean, spec.decimals) == best
+        if all(line[j].count == 0 for line in cells) and not column.optional:
+            raise UsageError(
+                f"column {column.name!r}: no results file has {column.source}[{column.metric!r}] (none of them "
+                f"has a {column.source} section; `reranked_metrics` come from `mmret eval --reranker`)"
+            )
+    # numbers compare within a data set and a protocol
+    groups = [f"{d} {p}" for d, p in zip(row_data_sets(spec, cache), row_protocols(spec, cache))]
+    for j, column in enumerate(spec.columns):
+        for group in dict.fromkeys(groups):
+            members = [
+                line[j]
+                for line, row_group in zip(cells, groups)
+                if row_group == group and line[j].count > 0 and math.isfinite(line[j].mean)
+            ]
+            if len(members) < 2:  # nothing to compare with: no bold
+                continue
+            shown = [round(cell.mean, spec.decimals) for cell in members]
+            best = max(shown) if column.higher_is_better else min(shown)
+            for cell, value in zip(members, shown):
+                cell.bold = value == best
     return cells
+
+
+def _cell(spec: TableSpec, row: Row, column: Column, cache: dict[Path, dict]) -> Cell:
+    """One row's value of one column over the row's files (count 0: MISSING)."""
+    source = row.source or column.source
+    values, missing = [], []
+    without_reranker = 0  # files evaluated without a reranker: no reranked_metrics section at all
+    for file in row.files:
+        results = cache.setdefault(file, _read_results(file))
+        if source == "reranked_metrics" and source not in results:
+            without_reranker += 1
+        metrics = results.get(source) or {}
+        if column.metric not in metrics:
+            missing.append((file, metrics))
+            continue
+        try:
+            value = float(metrics[column.metric])
+        except (TypeError, ValueError):
+            raise UsageError(
+                f"row {row.name!r}: {file} has {source}[{column.metric!r}] = "
+                f"{metrics[column.metric]!r}; expected a number"
+            ) from None
+        values.append(value * spec.scale)
+    if without_reranker == len(row.files):  # a first-stage-only row in a reranked column
+        return Cell(mean=math.nan, std=None, count=0)
+    if missing and (values or not column.optional):
+        file, metrics = missing[0]
+        if source == "reranked_metrics" and source not in cache[file]:
+            raise UsageError(
+                f"row {row.name!r}: {file} has no {source} (evaluated without --reranker) but other files of "
+                "the row have; a row averages runs evaluated alike"
+            )
+        raise UsageError(
+            f"row {row.name!r}: {file} has no {source}[{column.metric!r}] "
+            f"(it has: {', '.join(sorted(metrics)[:12]) or 'nothing'})"
+        )
+    if not values:
+        return Cell(mean=math.nan, std=None, count=0)
+    std = statistics.stdev(values) if len(values) > 1 else None
+    return Cell(mean=statistics.fmean(values), std=std, count=len(values))
+
+
+def row_data_sets(spec: TableSpec, cache: dict[Path, dict] | None = None) -> list[str]:
+    """What each row is a result on (the data sets of its files, as one key): bold compares rows with equal keys.
+
+    Files without a `data` entry count as one unknown data set, so they are compared with each other."""
+    cache = {} if cache is None else cache
+    keys = []
+    for row in spec.rows:
+        data = {
+            _canonical(result_identity(file, cache.setdefault(file, _read_results(file)))["data"])
+            for file in row.files
+        }
+        keys.append(_canonical(sorted(data)))
+    return keys
 
 
 # --------------------------------------------------------------------------------------------------------- render
@@ -478,10 +590,11 @@ def table_cells(spec: TableSpec) -> list[list[Cell]]:
 def render(spec: TableSpec, fmt: str) -> str:
     """The table as markdown or LaTeX text (ending in a newline)."""
     cells = table_cells(spec)
+    several_data_sets = len(set(zip(row_data_sets(spec), row_protocols(spec)))) > 1  # bold's groups
     if fmt == "markdown":
-        return _markdown(spec, cells)
+        return _markdown(spec, cells, several_data_sets)
     if fmt == "latex":
-        return _latex(spec, cells)
+        return _latex(spec, cells, several_data_sets)
     raise UsageError(f"unknown table format {fmt!r}; expected one of {FORMATS}")
 
 
@@ -494,11 +607,25 @@ def _seed_note(spec: TableSpec, cells: list[list[Cell]]) -> str:
     return f"mean ± std over {seeds} {runs}"
 
 
+def _notes(spec: TableSpec, cells: list[list[Cell]], several_data_sets: bool, latex: bool = False) -> str:
+    """The line under a table (the caption's parenthesis in LaTeX): seeds averaged, and what bold means.
+
+    Said when it is not the obvious (one data set, one run per row: bold = best in its column)."""
+    seeds = _seed_note(spec, cells)
+    bold = ""
+    if any(cell.bold for line in cells for cell in line) and (seeds or several_data_sets):
+        where = " per data set" if several_data_sets else ("" if latex else " per column")
+        if several_data_sets and len(set(row_protocols(spec))) > 1:
+            where += " and protocol"
+        bold = f"best{where} in bold"
+    return "; ".join(note for note in (seeds, bold) if note)
+
+
 def _number(value: float, decimals: int) -> str:
     return f"{value:.{decimals}f}"
 
 
-def _markdown(spec: TableSpec, cells: list[list[Cell]]) -> str:
+def _markdown(spec: TableSpec, cells: list[list[Cell]], several_data_sets: bool = False) -> str:
     def text(cell: Cell) -> str:
         if not cell.count:
             return MISSING
@@ -515,9 +642,9 @@ def _markdown(spec: TableSpec, cells: list[list[Cell]]) -> str:
     lines.append("| --- |" + " ---: |" * len(spec.columns))
     for row, line in zip(spec.rows, cells):
         lines.append("| " + " | ".join([row.name.replace("|", "\\|"), *map(text, line)]) + " |")
-    note = _seed_note(spec, cells)
+    note = _notes(spec, cells, several_data_sets)
     if note:
-        lines += ["", f"_{note}; best per column in bold._"]
+        lines += ["", f"_{note}._"]
     return "\n".join(lines) + "\n"
 
 
@@ -542,7 +669,7 @@ def latex_escape(text: str) -> str:
     return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in text)
 
 
-def _latex(spec: TableSpec, cells: list[list[Cell]]) -> str:
+def _latex(spec: TableSpec, cells: list[list[Cell]], several_data_sets: bool = False) -> str:
     def text(cell: Cell) -> str:
         if not cell.count:
             return "--"
@@ -552,9 +679,8 @@ def _latex(spec: TableSpec, cells: list[list[Cell]]) -> str:
         return rf"\textbf{{{value}}}" if cell.bold else value
 
     lines = [r"\begin{table}[t]", r"\centering"]
-    caption = " ".join(
-        x for x in (spec.title, _seed_note(spec, cells) and f"({_seed_note(spec, cells)}; best in bold)") if x
-    )
+    note = _notes(spec, cells, several_data_sets, latex=True)
+    caption = " ".join(x for x in (spec.title, note and f"({note})") if x)
     if caption:
         lines.append(rf"\caption{{{latex_escape(caption)}}}")
     if spec.label:

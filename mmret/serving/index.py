@@ -34,9 +34,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from mmret.errors import UsageError
+from mmret.progress import Progress
 from mmret.serving.store import AnnSettings, VectorStore
 
 IMAGES, CAPTIONS = "images", "captions"
@@ -255,6 +255,7 @@ def build_index(
     ann: AnnSettings = AnnSettings(),
     progress: bool = True,
     module=None,
+    pretrained: str | None = None,
     shard_sizes: dict[str, int | None] | None = None,
 ) -> BuildReport:
     """Embed the shards not yet in the index at `output` (created if missing) and store them.
@@ -266,15 +267,16 @@ def build_index(
         captions: also embed and store every caption (for image -> text search).
         approximate_above: build an IVF-PQ index once the image table holds at least this many rows; below
             it every search is exact.
-        progress: show a progress bar (terminals only).
+        progress: report progress on stderr (mmret.progress: a bar on a terminal, plain lines in logs).
         module: the loaded dual encoder of `model`, when the caller has it already.
-        shard_sizes: samples per shard where known (the progress bar's total).
+        pretrained: with `model` a model name: its open_clip pretrained tag or weights file.
+        shard_sizes: samples per shard where known (the progress total).
     """
     from mmret.data.samples import SkipCounter
     from mmret.models import create_transforms
     from mmret.training import DualEncoder
 
-    module = module if module is not None else DualEncoder.from_checkpoint(model, device)
+    module = module if module is not None else DualEncoder.load(model, pretrained, device)
     fingerprint = model_fingerprint(module)
     local = "://" not in str(output)
     created = local and not Path(output).exists()
@@ -285,7 +287,9 @@ def build_index(
         manifest = {
             "format": FORMAT_VERSION,
             "model": {
-                "checkpoint": str(Path(model).resolve()) if "://" not in str(model) else str(model),
+                # a checkpoint or exported folder by absolute path; a model name as given, with its weights
+                "checkpoint": str(Path(model).resolve()) if Path(model).exists() else str(model),
+                "pretrained": pretrained,
                 "architecture": str(module.hparams.get("model", "")),
                 "dim": len(fingerprint[0]),
                 "fingerprint": fingerprint,
@@ -316,8 +320,7 @@ def build_index(
     counter = SkipCounter()
     sizes = [(shard_sizes or {}).get(shard) for shard in todo]
     expected = None if None in sizes else sum(sizes)
-    bar = tqdm(total=expected, desc=f"indexing {len(todo)} shards", unit="img", file=sys.stderr,
-               disable=None if progress else True, dynamic_ncols=True)  # fmt: skip
+    bar = Progress(f"indexing {len(todo)} shards", total=expected, unit="images", enabled=progress)
     added_images = added_captions = 0
     held = _HeldWarnings() if store.count(IMAGES) == 0 else None
     try:

@@ -106,14 +106,16 @@ def open_query_image(source):
         ) from None
 
 
-def load_dual_encoder(path: str | os.PathLike, device):
+def load_dual_encoder(path: str | os.PathLike, device, pretrained: str | None = None):
+    """The query model: a checkpoint, an exported folder, or a model name with `pretrained` (DualEncoder.load)."""
     from mmret.training import DualEncoder
 
-    if not Path(path).exists():
+    if pretrained is None and not Path(path).exists():
         raise UsageError(
-            f"model {path} does not exist; expected the dual-encoder .ckpt the index was built with"
+            f"model {path} does not exist; expected the dual-encoder .ckpt (or exported folder) the index was "
+            "built with"
         )
-    return DualEncoder.from_checkpoint(path, device)
+    return DualEncoder.load(path, pretrained, device)
 
 
 def load_reranker(path: str | os.PathLike, device):
@@ -167,8 +169,13 @@ class Retriever:
 
         opened = SearchIndex.open(index)
         device = resolve_device(device)
-        model = model if model is not None else opened.manifest["model"]["checkpoint"]
-        dual = load_dual_encoder(model, device)
+        pretrained = None
+        if model is None:  # the model the index records (a name comes with its pretrained weights)
+            model, pretrained = (
+                opened.manifest["model"]["checkpoint"],
+                opened.manifest["model"].get("pretrained"),
+            )
+        dual = load_dual_encoder(model, device, pretrained)
         return cls(opened, dual, load_reranker(reranker, device) if reranker is not None else None)
 
     # ---- embedding ---------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ plain progress lines for logs.
     PreemptionCheckpoint(run_dir)   # SIGUSR1 / SIGINT / SIGTERM -> last.ckpt at the batch boundary, exit 3 / 130 / 143
     RunCheckpoint(dirpath=..., every_n_train_steps=N, save_last=True)
     ResumedTrainLoader()            # a resumed run streams the epoch it stopped in
+    LogIntervalWithinEpoch()        # log_every_n_steps at most one epoch of batches
     ProgressLines(lines=10)         # `--trainer.callbacks+=mmret.training.callbacks.ProgressLines`
 """
 
@@ -150,6 +151,22 @@ class RunCheckpoint(ModelCheckpoint):
     def _save_last_if_behind(self, trainer: Trainer) -> None:
         if not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class LogIntervalWithinEpoch(Callback):
+    """Caps `log_every_n_steps` at the batches of one training epoch, so a small data set still logs its training
+    curve every epoch (Lightning otherwise warns on every epoch and logs nothing until the interval is reached).
+    The data module's `num_train_batches` is the epoch length; without it the setting is left alone."""
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        datamodule = getattr(trainer, "datamodule", None)
+        if stage != "fit" or not hasattr(datamodule, "num_train_batches"):
+            return
+        batches = int(datamodule.num_train_batches(trainer.world_size))
+        if trainer.limit_train_batches is not None and isinstance(trainer.limit_train_batches, int):
+            batches = min(batches, trainer.limit_train_batches)
+        if 0 < batches < trainer.log_every_n_steps:
+            trainer.log_every_n_steps = batches
 
 
 class ResumedTrainLoader(Callback):

@@ -77,11 +77,14 @@ def checkpoint_kind(path: str | os.PathLike) -> str | None:
     return checkpoint.get("mmret", {}).get("kind") if isinstance(checkpoint, dict) else None
 
 
-def export_cross_encoder(path: str | os.PathLike, output: str | os.PathLike) -> Path:
+def export_cross_encoder(path: str | os.PathLike, output: str | os.PathLike, card=None) -> Path:
     """A reranker checkpoint as `reranker_model.safetensors` (its state dict) + `reranker_config.json` (the
-    `CrossEncoder` arguments, towers by architecture name); the folder appears whole or not at all (an existing
-    one is replaced)."""
+    `CrossEncoder` arguments, towers by architecture name) + a model card README.md (`card`: a
+    `mmret.models.model_card.CardInfo`; None: one without training details); the folder appears whole or not at
+    all (an existing one is replaced)."""
     from safetensors.torch import save_file
+
+    from mmret.models.model_card import CardInfo, write_model_card
 
     checkpoint = read_checkpoint(path, "cross_encoder")
     output = Path(output)
@@ -93,6 +96,7 @@ def export_cross_encoder(path: str | os.PathLike, output: str | os.PathLike) -> 
         state = {k: v.contiguous() for k, v in checkpoint["state_dict"].items()}
         save_file(state, str(work / "reranker_model.safetensors"))
         follow_umask(work / "reranker_model.safetensors")
+        write_model_card(work, card or CardInfo(model_name=output.resolve().name), "mmret", "reranker")
     return output
 
 
@@ -102,11 +106,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     A run killed at any moment (SIGKILL, preemption, node failure) leaves either the previous checkpoint or the new
     one, never a truncated file. (Lightning's default stages local files through the system temp directory, and
-    a move across file systems is a copy that can be cut short.)
+    a move across file systems is a copy that can be cut short.) A full or read-only file system is a
+    `UsageError` ("cannot write RUN/checkpoints/last.ckpt: No space left on device (errno 28); ..."): the fit
+    stops with one line, the previous checkpoint intact, so running the same command again resumes from it.
     """
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         if "://" in str(path):  # remote storage: Lightning's own transactional upload
             return super().save_checkpoint(checkpoint, path, storage_options)
-        with atomic_file(path, binary=True) as handle:
+        # A full or read-only run directory: UsageError naming the file, the old checkpoint left as it was.
+        with atomic_file(path, binary=True, option="--run_dir") as handle:
             torch.save(checkpoint, handle)

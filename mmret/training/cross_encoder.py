@@ -59,7 +59,7 @@ from mmret.models import (
 )
 from mmret.models.fusion import FusionScorer, PixelStem, image_tokens, text_tokens, tower_widths
 from mmret.training.checkpoint_io import hyperparameters_for, load_weights, read_checkpoint
-from mmret.training.schedule import warmup_cosine
+from mmret.training.schedule import warmup_cosine, warmup_length
 
 
 class CrossEncoder(LightningModule):
@@ -67,8 +67,9 @@ class CrossEncoder(LightningModule):
     hard negatives gathered from every rank.
 
     Args:
-        model: open_clip model name, an mmret `test-*` config or a JSON config path for the towers (ignored when
-            `dual_encoder` is set).
+        model: open_clip model name, an mmret `test-*` config or a JSON config path for the towers, when no
+            `dual_encoder` is given; with one, leave it out (the checkpoint names its towers; a different name is
+            refused).
         pretrained: open_clip pretrained tag or local weights for `model`. None: random init.
         dual_encoder: A dual-encoder checkpoint (`mmret fit` with mmret.training.DualEncoder) whose trained towers
             initialise this reranker's towers.
@@ -115,14 +116,14 @@ class CrossEncoder(LightningModule):
         lr: Peak AdamW learning rate.
         tower_lr_scale: Learning rate of unfrozen towers as a fraction of `lr`.
         weight_decay: AdamW weight decay (not on norms, biases, embeddings).
-        warmup_steps: Linear warmup steps, then cosine decay to 0.
+        warmup_steps: Linear warmup steps (or, below 1, a fraction of the run's steps), then cosine decay to 0.
         val_top_k: Validation reranks each query's top-K by the towers' own embeddings and logs the reranked
             metrics as `val/image_retrieval_recall@1`, ... (first stage: `val/first_stage/...`).
     """
 
     def __init__(
         self,
-        model: str = "test-vit-tiny",
+        model: str | None = None,
         pretrained: str | None = None,
         dual_encoder: str | None = None,
         lock_image: bool = False,
@@ -150,7 +151,7 @@ class CrossEncoder(LightningModule):
         lr: float = 3e-4,
         tower_lr_scale: float = 0.1,
         weight_decay: float = 0.05,
-        warmup_steps: int = 50,
+        warmup_steps: int | float = 50,
         val_top_k: int = 10,
     ) -> None:
         super().__init__()
@@ -173,6 +174,7 @@ class CrossEncoder(LightningModule):
                 "model.contrastive_weight > 0 trains the towers; unlock one (model.lock_image/lock_text)"
             )
         self.save_hyperparameters()
+        warmup_length(warmup_steps, 1)  # a bad value is refused now, not when training starts
         if dual_encoder is not None:
             from mmret.training.dual_encoder import DualEncoder
 
@@ -180,6 +182,16 @@ class CrossEncoder(LightningModule):
             # The architecture name comes from the checkpoint itself: under LightningCLI the DualEncoder built
             # inside this constructor would record this module's hyperparameters as its own.
             self.tower_name = read_checkpoint(dual_encoder, "dual_encoder")["mmret"]["model"]
+            if model is not None and model != self.tower_name:
+                raise UsageError(
+                    f"model.model is {model} but the towers of model.dual_encoder {dual_encoder} are "
+                    f"{self.tower_name}; leave model.model out (the checkpoint names its towers)"
+                )
+        elif model is None:
+            raise UsageError(
+                "the reranker has no towers: set model.dual_encoder (a dual-encoder checkpoint: its towers and "
+                "their architecture) or model.model (an architecture name, e.g. test-vit-tiny)"
+            )
         else:
             self.model = create_model(model, pretrained)
             self.tower_name = model
@@ -187,7 +199,10 @@ class CrossEncoder(LightningModule):
             lock_image_tower(self.model, 0, True)
         if lock_text:
             lock_text_tower(self.model, 0, True)
-        text_width, image_width, num_patches = tower_widths(self.model, fusion_patch_embeddings)
+        try:
+            text_width, image_width, num_patches = tower_widths(self.model, fusion_patch_embeddings)
+        except ValueError as error:  # towers the fusion cannot read
+            raise UsageError(f"reranker towers {self.tower_name}: {error}") from None
         self.pixel_stem = None
         if fusion_pixel_stem:
             patch = getattr(self.model.visual, "patch_size", None)
@@ -443,7 +458,7 @@ class CrossEncoder(LightningModule):
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.optimizer_groups(), lr=self.hparams.lr, betas=(0.9, 0.98))
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = min(self.hparams.warmup_steps, total_steps)
+        warmup = warmup_length(self.hparams.warmup_steps, total_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, warmup, total_steps, 0.0)
         )

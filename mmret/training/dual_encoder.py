@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -52,7 +53,7 @@ from mmret.models import (
 )
 from mmret.training.checkpoint_io import hyperparameters_for, load_weights, read_checkpoint
 from mmret.training.gradcache import lightning_gradcache_backward
-from mmret.training.schedule import warmup_cosine, warmup_stable_decay
+from mmret.training.schedule import warmup_cosine, warmup_length, warmup_stable_decay
 
 
 @dataclass
@@ -63,6 +64,28 @@ class _NegativeInput:
     data: Any
     valid: torch.Tensor
     keys: torch.Tensor
+
+
+MODEL_SPEC_HELP = "a .ckpt written by `mmret fit`, a folder written by `mmret export`, or an open_clip model name with --pretrained"
+
+
+def check_model_spec(model: str | os.PathLike, pretrained: str | None) -> None:
+    """Refuse, before any work, a `--model` / `--pretrained` pair that `DualEncoder.load` cannot load."""
+    path = Path(model)
+    if path.is_file():
+        if pretrained is not None:
+            raise UsageError(
+                f"--pretrained {pretrained} applies to a model name; {model} is a checkpoint (it holds the weights)"
+            )
+        return
+    if path.is_dir() or pretrained is not None or str(model).startswith("hf-hub:"):
+        return  # a folder, or a name whose weights come from --pretrained / the hub: checked when loading
+    if str(model).endswith(".ckpt") or os.sep in str(model):
+        raise UsageError(f"--model {model} does not exist; expected {MODEL_SPEC_HELP}")
+    raise UsageError(
+        f"--model {model} is a model name without weights; add --pretrained TAG_OR_FILE (e.g. ViT-B-32 with "
+        "openai), or give a .ckpt or an exported folder"
+    )
 
 
 class DualEncoder(LightningModule):
@@ -79,7 +102,8 @@ class DualEncoder(LightningModule):
         weight_decay: AdamW weight decay; never applied to norms, biases, embeddings and the temperature/bias.
         betas: AdamW betas.
         eps: AdamW epsilon.
-        warmup_steps: Linear warmup steps, then the `lr_schedule` down to `min_lr_ratio × lr` at the last step.
+        warmup_steps: Linear warmup steps (or, below 1, a fraction of the run's steps, e.g. 0.1), then the
+            `lr_schedule` down to `min_lr_ratio × lr` at the last step.
         min_lr_ratio: Final learning rate as a fraction of `lr`.
         lr_schedule: After warmup, "cosine" (decay over all remaining steps, CLIP's) or "wsd" (hold `lr`, then
             decay linearly over the last `decay_fraction` of the steps;
@@ -122,7 +146,7 @@ class DualEncoder(LightningModule):
         weight_decay: float = 0.2,
         betas: tuple[float, float] = (0.9, 0.98),
         eps: float = 1e-6,
-        warmup_steps: int = 100,
+        warmup_steps: int | float = 100,
         min_lr_ratio: float = 0.0,
         lr_schedule: Literal["cosine", "wsd"] = "cosine",
         decay_fraction: float = 0.2,
@@ -157,6 +181,7 @@ class DualEncoder(LightningModule):
         if not 0.0 < decay_fraction <= 1.0:
             raise UsageError(f"model.decay_fraction is {decay_fraction}; expected a number in (0, 1]")
         self.save_hyperparameters()
+        warmup_length(warmup_steps, 1)  # a bad value is refused now, not when training starts
         overrides = {}
         if init_logit_scale is not None:
             overrides["init_logit_scale"] = math.log(init_logit_scale)
@@ -377,7 +402,7 @@ class DualEncoder(LightningModule):
             fused=_fused_adamw_supported(groups),
         )
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = min(self.hparams.warmup_steps, total_steps)
+        warmup = warmup_length(self.hparams.warmup_steps, total_steps)
         min_ratio = self.hparams.min_lr_ratio
         if self.hparams.get("lr_schedule", "cosine") == "wsd":
             decay = self.hparams.decay_fraction
@@ -402,6 +427,26 @@ class DualEncoder(LightningModule):
         hparams["compile"] = False
         module = cls(**hparams)
         load_weights(module, checkpoint["state_dict"], path)
+        return module.to(device).eval()
+
+    @classmethod
+    def load(
+        cls, model: str | os.PathLike, pretrained: str | None = None, device: str | torch.device = "cpu"
+    ) -> DualEncoder:
+        """A dual encoder to evaluate, mine or index with, in eval mode on `device`, from any of:
+
+        - a training checkpoint written by `mmret fit` (`from_checkpoint`);
+        - a folder written by `mmret export` (open_clip's hub layout: open_clip_config.json + weights), or any
+          open_clip hub folder;
+        - an open_clip or mmret model name (`ViT-B-32`, `test-vit-tiny`, `hf-hub:org/repo`) with `pretrained`
+          a tag (`openai`, `laion2b_s34b_b79k`: downloaded the first time) or a weights file: the zero-shot
+          baseline measured before finetuning. Without `pretrained` a name is refused: random towers measure
+          nothing.
+        """
+        check_model_spec(model, pretrained)
+        if Path(model).is_file():
+            return cls.from_checkpoint(model, device)
+        module = cls(model=str(model), pretrained=pretrained, compile=False)
         return module.to(device).eval()
 
     # RNG state in the checkpoint, so a resumed run continues the same random stream.

@@ -13,8 +13,9 @@ import inspect
 import json
 import os
 import re
-from argparse import ArgumentError
+from argparse import ArgumentError, RawDescriptionHelpFormatter
 
+from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -28,6 +29,35 @@ from mmret.training.run_dir import (
     run_components,
 )
 
+# The top of `mmret fit --help`: its ~500 lines list every option of the trainer, model and data module; these
+# are the few that a run usually sets.
+FIT_USAGE = "%(prog)s -c CONFIG [--print_config] [--run_dir DIR] [--KEY VALUE ...]"
+FIT_DESCRIPTION = """\
+Train a model: LightningCLI over mmret's LightningModules and data modules. Every option can also be set in
+the YAML config (dotted keys are its nesting); the ones that usually matter:
+
+  -c, --config FILE                 the experiment, e.g. experiments/digits_clip.yaml (repeatable: later wins)
+  --run_dir DIR                     config, checkpoints, metrics and W&B files of the run (default
+                                    runs/<config name>/<timestamp>); an existing run directory is resumed
+  --data.init_args.train SHARDS     training shards: a folder, .tar files, a glob or a brace pattern
+  --data.init_args.val SHARDS       validation shards (same forms); or --data.init_args.dataset digits|shapes
+  --data.init_args.batch_size N     batch size per GPU / process
+  --model.init_args.model NAME      the towers (an open_clip model or a test-* config); likewise
+                                    --model.init_args.lr, .pretrained, .loss (infonce|siglip), ...
+  --trainer.max_epochs N            epochs to train (or --trainer.max_steps N)
+  --print_config                    print the resolved config and exit: check it before a long run
+  --model.help CLASS                every init argument of a model: mmret.training.DualEncoder, CrossEncoder
+  --data.help CLASS                 the same for mmret.data.datamodule.RetrievalDataModule
+
+Examples:
+  mmret fit -c experiments/digits_clip.yaml --trainer.max_epochs 3 --run_dir runs/quick
+  mmret fit -c experiments/clip_vitb32_finetune.yaml --data.init_args.train /data/coco/train --print_config
+"""
+
+
+class _DescriptionAsWritten(RawDescriptionHelpFormatter, DefaultHelpFormatter):
+    """jsonargparse's help format, with the description's lines kept as written."""
+
 
 class MMRetCLI(LightningCLI):
     """LightningCLI with mmret's run directory, checkpointing and resume conventions.
@@ -36,7 +66,14 @@ class MMRetCLI(LightningCLI):
 
     def __init__(self, *args, claims: list | None = None, **kwargs) -> None:
         self.claims = claims if claims is not None else []
-        super().__init__(*args, **kwargs)
+        parser_kwargs = dict(kwargs.pop("parser_kwargs", None) or {})
+        fit_kwargs = dict(parser_kwargs.get("fit", {}))
+        fit_kwargs.setdefault("usage", FIT_USAGE)
+        fit_kwargs.setdefault("description", FIT_DESCRIPTION)
+        parser_kwargs["fit"] = fit_kwargs
+        # jsonargparse gives subcommand parsers the main parser's formatter
+        parser_kwargs.setdefault("formatter_class", _DescriptionAsWritten)
+        super().__init__(*args, parser_kwargs=parser_kwargs, **kwargs)
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         try:

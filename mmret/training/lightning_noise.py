@@ -3,9 +3,10 @@
     silence_lightning_noise()   # idempotent; call before the Trainer is built
 
 Dropped: the device census ("GPU available: False, used: False", "TPU available ..."; the device a run uses is
-in its run_info.json), the advert for a hosted logger, the hint to prefix `srun` printed whenever SLURM's
-binaries are installed (our SLURM path, `mmret sweep`, already runs the tasks under srun), and a deprecation
-warning Lightning raises about its own code. Everything else Lightning says (its warnings about your settings,
+in its run_info.json), the advert for a hosted logger, a note that the LR schedule counted the train loader, the hint to prefix `srun` printed whenever SLURM's
+binaries are installed (our SLURM path, `mmret sweep`, already runs the tasks under srun), a deprecation
+warning Lightning raises about its own code, and its warning about modules in eval mode at the start of training
+(mmret's locked towers are, on purpose). Everything else Lightning says (its warnings about your settings,
 the model summary, the progress bar) is kept.
 """
 
@@ -14,10 +15,18 @@ from __future__ import annotations
 import logging
 import warnings
 
-_INFO_PREFIXES = ("GPU available:", "TPU available:", "HPU available:", "💡 Tip:")
+_INFO_PREFIXES = (
+    "GPU available:",
+    "TPU available:",
+    "HPU available:",
+    "💡 Tip:",
+    "Loading `train_dataloader` to estimate number of stepping batches",
+)
 _WARNINGS = (
     r"The `srun` command is available on your system but is not used",
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    # Locked towers (model.lock_image / lock_text) are put in eval mode on purpose (frozen norm statistics).
+    r"Found \d+ module\(s\) in eval mode at the start of training",
 )
 _LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
 

@@ -46,8 +46,13 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from mmret.errors import UsageError
-from mmret.io import TEMPORARY_GLOB
-from mmret.training.callbacks import PreemptionCheckpoint, ResumedTrainLoader, RunCheckpoint
+from mmret.io import TEMPORARY_GLOB, describe_os_error, remedy
+from mmret.training.callbacks import (
+    LogIntervalWithinEpoch,
+    PreemptionCheckpoint,
+    ResumedTrainLoader,
+    RunCheckpoint,
+)
 from mmret.training.checkpoint_io import AtomicCheckpointIO
 from mmret.training.provenance import RunInfo
 
@@ -82,7 +87,8 @@ class RunDirClaim:
     """The exclusive lock of one run directory for the life of a fit (see the module docstring).
 
     Creates the directory if needed (remembering that it did), takes the lock or raises `UsageError` naming the
-    holder. `release(succeeded=False)` after a fit refused before training started removes the directory again
+    holder. A directory (or its checkpoints/) on a read-only file system or without write permission is refused
+    here, before training, instead of at the first checkpoint. `release(succeeded=False)` after a fit refused before training started removes the directory again
     when this claim made it, so bad input leaves nothing behind.
     """
 
@@ -93,10 +99,16 @@ class RunDirClaim:
         self._handle = None
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            _check_writable(self.run_dir, self.run_dir / "checkpoints")
             self._handle = open(self.run_dir / LOCK_NAME, "a+")  # noqa: SIM115 - held until release()
         except OSError as err:
             self._remove_if_created()
-            raise UsageError(f"cannot create run directory {self.run_dir}: {err.strerror or err}") from None
+            verb = "create" if self.created else "write"
+            where = f" ({err.filename})" if err.filename and Path(err.filename) != self.run_dir else ""
+            raise UsageError(
+                f"cannot {verb} run directory {self.run_dir}{where}: {describe_os_error(err)}; "
+                f"{remedy(err, '--run_dir')}"
+            ) from None
         try:
             self._lock()
         except BaseException:
@@ -166,6 +178,20 @@ class RunDirClaim:
     def _remove_if_created(self) -> None:
         if self.created:
             shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+def _check_writable(*folders: Path) -> None:
+    """Refuse, before training starts, a run directory (or its checkpoints/) the fit could not write into: a
+    read-only file system or missing permissions would otherwise stop the run at its first checkpoint.
+
+    Raises:
+        OSError: EROFS or EACCES, naming the folder.
+    """
+    for folder in folders:
+        if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+            read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+            number = errno.EROFS if read_only else errno.EACCES
+            raise OSError(number, os.strerror(number), str(folder))
 
 
 def _describe(holder: dict) -> str:
@@ -339,6 +365,7 @@ def run_components(
         callbacks.append(LearningRateMonitor(logging_interval="step"))
         callbacks.append(PreemptionCheckpoint(run_dir))
         callbacks.append(ResumedTrainLoader())
+        callbacks.append(LogIntervalWithinEpoch())
     plugins = plugins if isinstance(plugins, list) else [plugins]
     if not any(isinstance(p, TorchCheckpointIO) for p in plugins):
         plugins = [*plugins, AtomicCheckpointIO()]

@@ -4,6 +4,26 @@ from __future__ import annotations
 
 import math
 
+from mmret.errors import UsageError
+
+
+def warmup_length(warmup_steps: int | float, total_steps: int) -> int:
+    """Warmup steps of a run of `total_steps`: an int is a step count (at most `total_steps`), a float in
+    [0, 1) a fraction of the run, so that a recipe fits a few hundred pairs as well as millions."""
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, (int, float)) or warmup_steps < 0:
+        raise UsageError(
+            f"model.warmup_steps is {warmup_steps!r}; expected a step count or a fraction in [0, 1)"
+        )
+    if isinstance(warmup_steps, float):
+        if warmup_steps >= 1:
+            if not warmup_steps.is_integer():
+                raise UsageError(
+                    f"model.warmup_steps is {warmup_steps}; expected a step count or a fraction in [0, 1)"
+                )
+            return min(int(warmup_steps), total_steps)
+        return min(total_steps, round(warmup_steps * total_steps))
+    return min(warmup_steps, total_steps)
+
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
     """LR multiplier: linear warmup from ~0 to 1 over `warmup_steps`, then cosine down to `min_ratio` at the end."""
