@@ -199,3 +199,18 @@ def neighbour_exchange(tensor: torch.Tensor, send_to: int, recv_from: int) -> to
     if tensor.requires_grad:
         return _NeighbourExchange.apply(tensor, send_to, recv_from)
     return _exchange(tensor, send_to, recv_from)
+
+
+def fully_shard(module, **options):
+    """`torch.distributed.fsdp.fully_shard` (FSDP2) on `module`, kept here so mmret imports torch.distributed
+    in this module only; see `mmret.training.fsdp` for which submodules of a dual encoder become units."""
+    from torch.distributed.fsdp import fully_shard as _fully_shard
+
+    return _fully_shard(module, **options)
+
+
+def mixed_precision_policy(**options):
+    """`torch.distributed.fsdp.MixedPrecisionPolicy(**options)` (param_dtype, reduce_dtype, ...)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(**options)

@@ -682,3 +682,77 @@ class ListwiseLoss(nn.Module):
         return listwise_infonce_loss(
             scores, positive_mask, self.temperature, candidate_mask, self.positive_aggregation
         )
+
+
+def truncate_embeddings(emb: Tensor, dim: int) -> Tensor:
+    """The first `dim` coordinates of `[..., D]` embeddings, L2-normalised (a Matryoshka prefix).
+
+    Normalising before or after truncation gives the same prefix (x[:d] / |x[:d]| is scale invariant), so
+    already-normalised embeddings (what the towers return) and raw ones are truncated alike, gradients too.
+    """
+    emb = _full_precision(emb)[0]
+    return F.normalize(emb[..., :dim], dim=-1)
+
+
+class MatryoshkaLoss(nn.Module):
+    """Matryoshka representation learning over a dual-encoder loss (Kusupati et al., 2022).
+
+    The sum over `dims` of `weight * loss(prefix_d(image_emb), prefix_d(text_emb), ...)`, where `prefix_d` keeps
+    the first d coordinates and re-normalises (`truncate_embeddings`); every other argument (logit scale and
+    bias, sample ids, caption keys, gathered negatives) is passed unchanged, and hard negatives are truncated
+    like the batch. This is sentence-transformers' `MatryoshkaLoss` (weighted sum, not mean) for InfoNCE /
+    SigLIP; the wrapped loss gathers across ranks once per dim.
+
+        loss = MatryoshkaLoss(InfoNCELoss(), dims=(512, 256, 128, 64))(image_emb, text_emb, logit_scale.exp())
+
+    Args:
+        loss: the wrapped `InfoNCELoss` or `SigLIPLoss` (any loss taking image and text embeddings first).
+        dims: the prefix widths, strictly decreasing and positive (each at most the embedding width).
+        weights: one weight per dim (default: all 1).
+    """
+
+    def __init__(self, loss: nn.Module, dims: tuple[int, ...] | list[int], weights=None) -> None:
+        super().__init__()
+        dims = tuple(int(d) for d in dims)
+        weights = tuple(float(w) for w in weights) if weights is not None else (1.0,) * len(dims)
+        if not dims or any(d < 1 for d in dims) or any(a <= b for a, b in zip(dims, dims[1:])):
+            raise ValueError(
+                f"MatryoshkaLoss: dims must be positive and strictly decreasing, got {list(dims)}"
+            )
+        if len(weights) != len(dims):
+            raise ValueError(f"MatryoshkaLoss: {len(weights)} weights for {len(dims)} dims")
+        self.loss = loss
+        self.dims = dims
+        self.weights = weights
+
+    def terms(
+        self, image_emb: Tensor, text_emb: Tensor, *args, negatives: HardNegatives | None = None, **kwargs
+    ) -> dict[int, Tensor]:
+        """The unweighted loss at each dim, `{d: scalar}`."""
+        if self.dims[0] > image_emb.shape[-1]:
+            raise ValueError(
+                f"MatryoshkaLoss: dim {self.dims[0]} exceeds the embedding width {image_emb.shape[-1]}"
+            )
+        out = {}
+        for dim in self.dims:
+            dim_negatives = None
+            if negatives is not None:
+                dim_negatives = negatives.with_embeddings(
+                    None if negatives.text is None else truncate_embeddings(negatives.text, dim),
+                    None if negatives.image is None else truncate_embeddings(negatives.image, dim),
+                )
+            out[dim] = self.loss(
+                truncate_embeddings(image_emb, dim),
+                truncate_embeddings(text_emb, dim),
+                *args,
+                negatives=dim_negatives,
+                **kwargs,
+            )
+        return out
+
+    def forward(
+        self, image_emb: Tensor, text_emb: Tensor, *args, negatives: HardNegatives | None = None, **kwargs
+    ) -> Tensor:
+        """Weighted sum of the wrapped loss over the prefixes (arguments as the wrapped loss's)."""
+        terms = self.terms(image_emb, text_emb, *args, negatives=negatives, **kwargs)
+        return sum(weight * terms[dim] for dim, weight in zip(self.dims, self.weights))

@@ -42,6 +42,7 @@ from mmret.errors import UsageError
 from mmret.io import atomic_output_dir, follow_umask
 from mmret.models.downloads import explain_download_errors
 from mmret.models.factory import model_info
+from mmret.models.lora import has_lora, merge_lora
 from mmret.models.model_card import CardInfo, write_model_card
 from mmret.models.registry import (
     HUB_CONFIG_NAME,
@@ -86,6 +87,8 @@ def export_open_clip(
         raise UsageError(
             f"export destination {output_dir} already exists; choose a new directory or pass overwrite"
         )
+    if has_lora(model):  # LoRA adapters (mmret.models.lora): exported merged into the weights
+        model = merge_lora(model)
     model_cfg, source_name = _export_model_cfg(model, model_name_or_config)
     state_dict = _portable_state_dict(model)
     _check_config_fits(model_cfg, state_dict, source_name)

@@ -18,10 +18,17 @@ path too. Negatives that are another row's positive (same sample id, or a captio
 
 Validation embeds every val image and caption once (exact under DDP: gathered and deduplicated by sample id) and
 logs retrieval metrics (`val/image_retrieval_recall@1`, ...) and, where the data has classes, zero-shot accuracy.
+
+Matryoshka embeddings (`matryoshka_dims: [256, 128, 64]`, `mmret.losses.MatryoshkaLoss`): the loss is summed
+(with `matryoshka_weights`) over nested prefixes of the embedding, each re-normalised, so its first d coordinates
+are an embedding of their own. The full width is always trained: when it is not the first dim it is added in
+front with weight 1. Validation also logs every smaller trained dim as `val/dim<d>/<metric>` (retrieval and
+zero-shot; the compositional metrics at the full width only).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -39,7 +46,14 @@ from mmret.evaluation.retrieval import (  # noqa: F401  (caption_hash, group_tex
     evaluation_metrics,
     group_text_queries,
 )
-from mmret.losses import CaptionKeys, HardNegatives, InfoNCELoss, SigLIPLoss
+from mmret.losses import (
+    CaptionKeys,
+    HardNegatives,
+    InfoNCELoss,
+    MatryoshkaLoss,
+    SigLIPLoss,
+    truncate_embeddings,
+)
 from mmret.models import (
     create_model,
     create_transforms,
@@ -48,9 +62,11 @@ from mmret.models import (
     get_tokenizer,
     lock_image_tower,
     lock_text_tower,
+    model_info,
     param_groups_for_weight_decay,
     set_grad_checkpointing,
 )
+from mmret.models.lora import LoraSettings, apply_lora, has_lora, merge_lora
 from mmret.training.checkpoint_io import hyperparameters_for, load_weights, read_checkpoint
 from mmret.training.gradcache import lightning_gradcache_backward
 from mmret.training.schedule import warmup_cosine, warmup_length, warmup_stable_decay
@@ -133,6 +149,13 @@ class DualEncoder(LightningModule):
         compositional_val: Also log the compositional accuracies of the validation set at each validation
             (`val/compositional_text_acc[/<type>][/seen|/unseen]`, `val/compositional_image_acc...`; see
             mmret.evaluation.compositional), with the word classes of the val data's dataset.json.
+        matryoshka_dims: Train nested prefixes of the embedding too (`mmret.losses.MatryoshkaLoss`), e.g.
+            [512, 256, 128, 64]: strictly decreasing, at most the embedding width, which is added in front
+            (weight 1) when missing. None: the full width only.
+        matryoshka_weights: One loss weight per entry of `matryoshka_dims` (default: all 1).
+        lora: LoRA finetuning (`mmret.models.lora.LoraSettings`): `{rank, alpha, dropout, targets, unlock}`, e.g.
+            `{rank: 8, alpha: 16, targets: [image, text, attn, mlp], unlock: [logit_scale]}`; only the adapters
+            (and `unlock`) train. None: full finetuning.
     """
 
     def __init__(
@@ -166,6 +189,9 @@ class DualEncoder(LightningModule):
         hard_negatives: bool = True,
         mask_shared_captions: bool = True,
         compositional_val: bool = False,
+        matryoshka_dims: list[int] | None = None,
+        matryoshka_weights: list[float] | None = None,
+        lora: dict | None = None,
     ) -> None:
         super().__init__()
         if loss not in ("infonce", "siglip"):
@@ -202,11 +228,23 @@ class DualEncoder(LightningModule):
             lock_text_tower(self.model, lock_text_unlocked_layers, lock_text_freeze_norm_stats)
         if grad_checkpointing:
             set_grad_checkpointing(self.model, True)
+        if lora is not None:  # only adapters (+ lora.unlock) train; from_checkpoint merges them
+            try:
+                apply_lora(self.model, LoraSettings.from_value(lora))
+            except (TypeError, ValueError) as error:
+                raise UsageError(f"model.lora: {error}") from None
         self.loss_fn = (
             InfoNCELoss(gather=gather, local_loss=local_loss)
             if loss == "infonce"
             else SigLIPLoss(gather=gather)
         )
+        # (dim, weight) of every trained prefix, the full width first; [] without Matryoshka.
+        self.matryoshka = _matryoshka_dims(
+            matryoshka_dims, matryoshka_weights, model_info(self.model)["model_cfg"].get("embed_dim")
+        )
+        if self.matryoshka:
+            dims, weights = zip(*self.matryoshka)
+            self.loss_fn = MatryoshkaLoss(self.loss_fn, dims, weights)
         self.automatic_optimization = gradcache_chunk_size is None
         self._tokenizer = None
         self._val_embedder: EvalSetEmbedder | None = None
@@ -427,6 +465,8 @@ class DualEncoder(LightningModule):
         hparams["compile"] = False
         module = cls(**hparams)
         load_weights(module, checkpoint["state_dict"], path)
+        if has_lora(module.model):  # LoRA adapters merged: a plain open_clip model for eval / mine / export
+            module.model = merge_lora(module.model, inplace=True)
         return module.to(device).eval()
 
     @classmethod
@@ -488,15 +528,49 @@ class DualEncoder(LightningModule):
         if eval_set.num_images == 0:
             return
         class_names, templates = self._class_names_and_templates()
+        zeroshot = bool(class_names) and bool((eval_set.labels >= 0).any())
+        prompt_emb: dict[tuple[str, ...], torch.Tensor] = {}  # prompts embedded once, reused at every dim
+
+        def encode_prompts(texts: list[str]) -> torch.Tensor:
+            if tuple(texts) not in prompt_emb:
+                prompt_emb[tuple(texts)] = self.encode_texts(texts)
+            return prompt_emb[tuple(texts)]
+
         classifier = None
-        if class_names and bool((eval_set.labels >= 0).any()):
+        if zeroshot:
             with torch.no_grad():
-                classifier = build_zeroshot_classifier(self.encode_texts, class_names, templates)
+                classifier = build_zeroshot_classifier(encode_prompts, class_names, templates)
         metrics = evaluation_metrics(eval_set, ks=tuple(self.hparams.retrieval_ks), classifier=classifier)
         if self.hparams.get("compositional_val"):
             metrics.update(self._compositional_metrics(eval_set))
+        for dim, _ in self.matryoshka[1:]:  # the full width is the unprefixed metrics above
+            metrics.update(
+                {
+                    f"dim{dim}/{name}": value
+                    for name, value in self._prefix_metrics(
+                        eval_set, dim, encode_prompts, class_names, templates, zeroshot
+                    ).items()
+                }
+            )
         for name, value in metrics.items():
             self.log(f"val/{name}", float(value), sync_dist=False, rank_zero_only=False)
+
+    @torch.no_grad()
+    def _prefix_metrics(
+        self, eval_set, dim: int, encode_prompts, class_names, templates, zeroshot: bool
+    ) -> dict:
+        """Retrieval (and zero-shot) metrics of the validation set on the first `dim` coordinates, re-normalised."""
+        prefix_set = dataclasses.replace(
+            eval_set,
+            image_emb=truncate_embeddings(eval_set.image_emb, dim),
+            text_emb=truncate_embeddings(eval_set.text_emb, dim),
+        )
+        classifier = None
+        if zeroshot:
+            classifier = build_zeroshot_classifier(
+                lambda texts: truncate_embeddings(encode_prompts(texts), dim), class_names, templates
+            )
+        return evaluation_metrics(prefix_set, ks=tuple(self.hparams.retrieval_ks), classifier=classifier)
 
     def _compositional_metrics(self, eval_set) -> dict[str, float]:
         """The compositional accuracies of the validation set (every rank computes the same numbers)."""
@@ -525,6 +599,38 @@ class DualEncoder(LightningModule):
             else {}
         )
         return info.get("class_names"), info.get("templates") or ["a photo of a {}."]
+
+
+def _matryoshka_dims(
+    dims: list[int] | None, weights: list[float] | None, width: int | None
+) -> list[tuple[int, float]]:
+    """(dim, weight) pairs of `model.matryoshka_dims` / `_weights`, the full `width` first (added with weight 1
+    when missing); [] without dims. Refuses, in one line, dims that are not positive, not strictly decreasing,
+    or wider than the embedding, and weights that do not match them."""
+    if dims is None:
+        if weights is not None:
+            raise UsageError("model.matryoshka_weights is set without model.matryoshka_dims")
+        return []
+    dims = [int(d) for d in dims]
+    weights = [1.0] * len(dims) if weights is None else [float(w) for w in weights]
+    if not dims:
+        raise UsageError(
+            "model.matryoshka_dims is empty; give the prefix widths, e.g. [256, 128, 64], or null"
+        )
+    if len(weights) != len(dims):
+        raise UsageError(
+            f"model.matryoshka_weights has {len(weights)} values for {len(dims)} model.matryoshka_dims {dims}"
+        )
+    if any(w < 0 for w in weights):
+        raise UsageError(f"model.matryoshka_weights is {weights}; expected non-negative weights")
+    if any(d < 1 for d in dims) or any(a <= b for a, b in zip(dims, dims[1:])):
+        raise UsageError(f"model.matryoshka_dims is {dims}; expected positive, strictly decreasing widths")
+    if width is not None:
+        if dims[0] > width:
+            raise UsageError(f"model.matryoshka_dims is {dims}; the model's embedding width is {width}")
+        if dims[0] < width:
+            dims, weights = [width, *dims], [1.0, *weights]
+    return list(zip(dims, weights))
 
 
 def _fused_adamw_supported(groups: list[dict]) -> bool:

@@ -250,8 +250,15 @@ def lightning_no_sync(module: Any) -> Callable[[], contextlib.AbstractContextMan
 
     Lightning wraps the module in DistributedDataParallel as `trainer.strategy.model`; its parallel strategies
     expose `block_backward_sync()`, which enters that wrapper's `no_sync()` (and does nothing when the model is
-    not wrapped). Single-device strategies have no such method, so a null context is returned.
+    not wrapped). Single-device strategies have no such method, so a null context is returned. A network
+    sharded with FSDP2 (`mmret.training.fsdp.shard_dual_encoder`, under ModelParallelStrategy, where
+    `block_backward_sync` does nothing) gets `gradcache_no_sync` instead: no reduce-scatter but the last chunk's.
     """
+    from mmret.training.fsdp import gradcache_no_sync
+
+    sharded = next((m for m in module.modules() if hasattr(m, "set_requires_gradient_sync")), None)
+    if sharded is not None:
+        return gradcache_no_sync(sharded)
     block = getattr(module.trainer.strategy, "block_backward_sync", None)
     return block if block is not None else contextlib.nullcontext
 
