@@ -214,3 +214,67 @@ def mixed_precision_policy(**options):
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     return MixedPrecisionPolicy(**options)
+
+
+def is_fsdp_module(module) -> bool:
+    """Whether `fully_shard` was applied to `module` (FSDP2)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def is_dtensor(tensor) -> bool:
+    """Whether `tensor` is a DTensor (an FSDP2 shard)."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def all_reduce_sum_over(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum of `tensor` over the ranks of `group` (default: every rank); a copy, `tensor` unchanged."""
+    out = tensor.clone()
+    if is_distributed():
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+    return out
+
+
+def save_sharded(state: dict, folder) -> None:
+    """`torch.distributed.checkpoint.save` of `state` (DTensor shards and plain tensors) into `folder`: each
+    rank writes its own shards, replicated tensors are written once."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(state, checkpoint_id=str(folder))
+
+
+def load_sharded_keys(folder, keys: set[str]) -> dict:
+    """The entries `keys` of a `torch.distributed.checkpoint` folder, as full plain tensors on the CPU, without a
+    process group (what an export or an evaluation of a sharded checkpoint reads)."""
+    import warnings
+
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message="torch.distributed is unavailable or uninitialized")
+        return _load_state_dict_from_keys(keys=keys, checkpoint_id=str(folder))
+
+
+def sharded_files_intact(folder) -> bool:
+    """Whether a `torch.distributed.checkpoint` folder is complete: its `.metadata` reads and every byte range
+    it lists is inside an existing file (a save cut short leaves a missing or short shard file)."""
+    import os
+
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        metadata = FileSystemReader(str(folder)).read_metadata()
+    except Exception:  # missing or truncated .metadata: many types
+        return False
+    ends: dict[str, int] = {}
+    for item in (metadata.storage_data or {}).values():
+        name = str(item.relative_path)
+        ends[name] = max(ends.get(name, 0), int(item.offset) + int(item.length))
+    for name, end in ends.items():
+        path = os.path.join(str(folder), name)
+        if not os.path.isfile(path) or os.path.getsize(path) < end:
+            return False
+    return True

@@ -71,6 +71,9 @@ def test_smoke_form_trains_and_validates(path, tmp_path, digits_root, monkeypatc
         part for option, value in zip(command, command[1:])
         if value.startswith("runs/") and option != "--run_dir" for part in (option, "null")
     ]  # fmt: skip
+    if yaml.safe_load(path.read_text())["model"]["init_args"].get("matryoshka_dims"):
+        # the recipe's prefix widths are its model's; the smoke model embeds into 32 dims
+        smoke += ["--model.init_args.matryoshka_dims", "[16, 8]"]
     code = main([*command, *earlier, *smoke])
     assert code == 0
     assert (run_dir / "config.yaml").is_file() and (run_dir / "run_info.json").is_file()

@@ -228,6 +228,14 @@ CASES: dict[str, tuple[list[str], str]] = {
         [*EVAL, "--model", "{ckpt}", "--data", "{data}", "--output", "{out}/r.json", "--top-k", "-3"],
         "top-k",
     ),  # fmt: skip
+    "eval-dim-0": (
+        [*EVAL, "--model", "{ckpt}", "--data", "{data}", "--output", "{out}/r.json", "--dim", "0"],
+        "--dim",
+    ),  # fmt: skip
+    "eval-dim-wider-than-model": (
+        [*EVAL, "--model", "{ckpt}", "--data", "{data}", "--output", "{out}/r.json", "--dim", "33"],
+        "[1, 32]",
+    ),  # fmt: skip
     "eval-blocked-output": (
         [*EVAL, "--model", "{ckpt}", "--data", "{data}", "--output", "{blocked}"],
         "not a writable",
@@ -338,6 +346,15 @@ CASES: dict[str, tuple[list[str], str]] = {
         [*SEARCH, "{index}", "a digit", "--reranker", "{reranker}"],
         "do not fit",
     ),
+    "index-dim-neg": (
+        [*INDEX, "--model", "{ckpt}", "--data", "{test}", "--output", "{out}/i", "--dim", "-2"],
+        "--dim",
+    ),  # fmt: skip
+    "index-dim-wider-than-model": (
+        [*INDEX, "--model", "{ckpt}", "--data", "{test}", "--output", "{out}/i", "--dim", "64"],
+        "[1, 32]",
+    ),  # fmt: skip
+    "search-dim-other-than-index": ([*SEARCH, "{index}", "a digit", "--dim", "16"], "32-d"),
     "search-blocked-sheet": ([*SEARCH, "{index}", "a digit", "--sheet", "{blocked}.png"], "not a writable"),
     "search-sheet-is-dir": ([*SEARCH, "{index}", "a digit", "--sheet", "{dir}"], "is a directory"),
 }
@@ -348,6 +365,7 @@ SERVE_CASES: dict[str, tuple[list[str], str]] = {
     "serve-text-index": (["serve", "{text}"], "notes.txt"),
     "serve-port-out-of-range": (["serve", "{index}", "--port", "70000"], "--port"),
     "serve-dual-as-reranker": (["serve", "{index}", "--reranker", "{ckpt}"], "dual_encoder"),
+    "serve-dim-other-than-index": (["serve", "{index}", "--dim", "16"], "32-d"),
 }
 
 

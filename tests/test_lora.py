@@ -1,11 +1,15 @@
-"""Tests for mmret.models.lora: LoRA adapters on open_clip towers (ViT attention + MLP) and HF text towers.
+"""Tests for mmret.models.lora: LoRA adapters on open_clip towers (ViT attention + MLP) and HF text towers;
+the dual encoder's `lora` option; merging on load and in every export format (open_clip, transformers,
+sentence-transformers); the lora_memory benchmark's smoke form. The reranker's: tests/test_lora_reranker.py.
 
-Run: .venv/bin/pytest tests/test_lora.py -s   (-s shows the trainable-parameter counts vs full finetuning)
+Run: .venv/bin/pytest tests/test_lora.py -s   (-s shows the trainable-parameter counts vs full finetuning;
+`-m "not slow"` skips the MiniLM tower, the `mmret fit` round trip and the benchmark)
 """
 
 from __future__ import annotations
 
 import copy
+import json
 
 import open_clip
 import pytest
@@ -151,6 +155,16 @@ def test_patterns_and_towers_select_layers():
         LoraSettings(unlock=["everything"])
 
 
+@pytest.mark.parametrize("targets", [["text"], ["image", "mlp"], ["text", r"c_fc$"]])
+def test_adapters_go_exactly_on_the_selected_layers(targets):
+    # CLIP's text layers (`transformer.resblocks.0.mlp.c_fc`) end the image tower's names too: one tower only
+    model = models.create_model("test-vit-micro")
+    selected = lora_targets(model, LoraSettings(targets=targets))
+    apply_lora(model, LoraSettings(rank=2, targets=targets))
+    adapted = {name.split(".lora_")[0] for name, _ in model.named_parameters() if "lora_" in name}
+    assert adapted == set(selected)
+
+
 @pytest.mark.parametrize("batch_first", [True, False])
 def test_lora_attention_matches_multihead_attention_with_masks(batch_first):
     torch.manual_seed(0)
@@ -259,3 +273,202 @@ def test_fit_with_lora_checkpoint_holds_adapters_and_exports_merged(tmp_path, di
         torch.testing.assert_close(
             models.encode_image(reloaded, images), module.encode_image(images), atol=1e-5, rtol=0
         )
+
+
+# ---- every export format merges the adapters ------------------------------------------------------------------
+EXPORT_FORMATS = ("open_clip", "transformers", "sentence-transformers")
+
+
+def _move_trainable(model: nn.Module) -> None:
+    """Adapters off zero and the unlocked parameters off their init, as training would leave them."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.normal_(std=0.1)
+            elif param.requires_grad:
+                param.add_(0.25 if param.dim() == 0 else torch.randn_like(param) * 0.05)
+
+
+def _random_pictures(count: int, size: int = 48) -> list:
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(count)
+    pixels = torch.randint(0, 256, (count, size, size, 3), generator=generator, dtype=torch.uint8)
+    return [Image.fromarray(array.numpy()) for array in pixels]
+
+
+def _saved_keys(directory) -> set[str]:
+    from safetensors import safe_open
+
+    keys = set()
+    for path in directory.rglob("*.safetensors"):
+        with safe_open(str(path), "pt") as handle:
+            keys.update(handle.keys())
+    return keys
+
+
+@pytest.mark.parametrize(
+    ("name", "loss"), [("test-vit-micro", "infonce"), ("test-siglip-vit-tiny", "siglip")]
+)
+def test_every_export_format_of_a_lora_checkpoint_embeds_like_the_adapted_model(name, loss, tmp_path):
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel
+
+    from mmret.cli import main
+    from mmret.training import DualEncoder
+
+    torch.manual_seed(0)
+    lora = {"rank": 2, "alpha": 4, "unlock": ["logit_scale", "projections"]}  # every tower, attn and mlp
+    module = DualEncoder(model=name, loss=loss, lora=lora)
+    _move_trainable(module.model)
+    module.eval()
+    checkpoint = tmp_path / "lora.ckpt"  # what `mmret fit` saves: the adapters beside the base weights
+    torch.save(
+        {
+            "state_dict": module.state_dict(),
+            "hyper_parameters": dict(module.hparams),
+            "mmret": {"kind": "dual_encoder", "model": name},
+        },
+        checkpoint,
+    )
+    pictures = _random_pictures(3)
+    captions = ["a photo of the digit seven", "two red circles", "x"]
+    transform = models.create_transforms(module.model, train=False)
+    pixels = torch.stack([transform(picture) for picture in pictures])
+    tokens = module.tokenizer(captions)
+    with torch.no_grad():
+        image_emb, text_emb = module.encode_image(pixels), module.encode_texts(captions)  # adapted
+        without = copy.deepcopy(module.model)
+        for param_name, param in without.named_parameters():
+            if "lora_" in param_name:
+                param.zero_()
+        # the adapters matter: an export that dropped them would embed visibly differently
+        assert (models.encode_image(without, pixels) - image_emb).abs().max() > 1e-3
+        assert (models.encode_text(without, tokens) - text_emb).abs().max() > 1e-3
+    assert has_lora(module.model)
+
+    embeddings = {}
+    for export_format in EXPORT_FORMATS:
+        out = tmp_path / export_format
+        assert main(["export", str(checkpoint), "--format", export_format, "--output", str(out)]) == 0
+        keys = _saved_keys(out)
+        assert keys and not [k for k in keys if "lora" in k or "base_layer" in k], export_format
+        with torch.no_grad():
+            if export_format == "open_clip":
+                reloaded = models.create_model("local-dir:" + str(out)).eval()
+                embeddings[export_format] = (
+                    models.encode_image(reloaded, pixels),
+                    models.encode_text(reloaded, tokens),
+                )
+            elif export_format == "transformers":
+                hf_model = AutoModel.from_pretrained(out).eval()
+                embeddings[export_format] = (
+                    hf_model.get_image_features(pixel_values=pixels).pooler_output,
+                    hf_model.get_text_features(input_ids=tokens).pooler_output,
+                )
+            else:
+                encoder = SentenceTransformer(str(out), device="cpu")
+                embeddings[export_format] = (
+                    encoder.encode(pictures, convert_to_tensor=True),
+                    encoder.encode(captions, convert_to_tensor=True),
+                )
+    for export_format, exported in embeddings.items():
+        for exported_emb, adapted_emb in zip(exported, (image_emb, text_emb)):
+            torch.testing.assert_close(
+                torch.nn.functional.normalize(exported_emb, dim=-1),
+                adapted_emb,
+                atol=1e-5,
+                rtol=0,
+                msg=lambda text, where=export_format: f"--format {where}: {text}",
+            )
+
+
+def test_library_exports_merge_a_model_with_adapters(tmp_path):
+    from mmret.models import hf_export
+
+    torch.manual_seed(0)
+    model = apply_lora(models.create_model("test-vit-micro"), LoraSettings(rank=2)).eval()
+    _move_trainable(model)
+    hf_model = hf_export.to_transformers(model)
+    assert not any("lora" in key for key in hf_model.state_dict())
+    assert hf_export.embedding_difference(model, hf_model, hf_export.processor_for(model)) <= 1e-5
+    hf_export.export_transformers(model, tmp_path / "hf")
+    assert has_lora(model)  # the model itself keeps its adapters
+
+
+def test_unlock_projections_covers_a_custom_text_towers_linear_projection():
+    model = apply_lora(models.create_model("test-siglip-vit-tiny"), {"rank": 2, "unlock": ["projections"]})
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n}
+    assert trainable == {"text.text_projection.weight", "text.text_projection.bias"}
+    # the attention pooling (SigLIP's MAP head) is attention: its q / kv / proj are adapted with "attn"
+    plain = models.create_model("test-siglip-vit-tiny")
+    assert lora_targets(plain, LoraSettings(targets=["image", "attn", r"attn_pool"])) == [
+        "visual.trunk.attn_pool.q",
+        "visual.trunk.attn_pool.kv",
+        "visual.trunk.attn_pool.proj",
+    ]
+
+
+@pytest.mark.slow
+def test_lora_memory_benchmark_reports_ratios_to_full_finetuning():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    script = repo / "experiments" / "benchmarks" / "lora_memory.py"
+    argv = [
+        sys.executable,
+        str(script),
+        "--model",
+        "test-vit-micro",
+        "--batch-size",
+        "2",
+        "--steps",
+        "1",
+        "--json",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300, check=True)
+    rows = {row["config"]: row for row in map(json.loads, done.stdout.splitlines())}
+    assert list(rows)[0] == "full" and rows["full"]["trainable_ratio"] == 1.0
+    for name, row in rows.items():
+        assert row["trainable"] == round(row["trainable_ratio"] * rows["full"]["trainable"])
+        if name != "full":
+            assert 0 < row["trainable"] < rows["full"]["trainable"] / 10, name
+
+
+# --- peft's relatives: rank-stabilised LoRA and DoRA ------------------------------------------------------------
+
+
+def test_dora_on_the_minilm_tower_trains_adapters_and_magnitudes_only_and_merges():
+    torch.manual_seed(0)
+    model = models.create_model("test-timm-minilm")
+    settings = LoraSettings(rank=4, alpha=8, targets=["text"], use_dora=True)
+    images = torch.randn(4, 3, 64, 64)
+    texts = models.get_tokenizer(model)(["a red square", "two blue circles", "a digit", "green"])
+    _check_trains_adapters_only_and_merges(model, settings, images, texts)
+    magnitudes = [k for k in lora_state(model) if "lora_magnitude_vector" in k]
+    assert magnitudes, "DoRA adds a magnitude vector per adapted layer"
+
+
+def test_rslora_scales_by_the_square_root_of_the_rank_and_merges():
+    torch.manual_seed(0)
+    model = models.create_model("test-vit-micro")
+    settings = LoraSettings(rank=4, alpha=8, targets=["attn", "mlp"], use_rslora=True)
+    images = torch.randn(8, 3, 32, 32)
+    texts = models.get_tokenizer(model)([f"a photo of the digit {i}" for i in range(8)])
+    _check_trains_adapters_only_and_merges(model, settings, images, texts)
+    assert model.visual.transformer.resblocks[0].attn.scaling == pytest.approx(8 / 2)  # alpha / sqrt(4)
+    assert model.visual.transformer.resblocks[0].mlp.c_fc.scaling["default"] == pytest.approx(8 / 2)
+
+
+def test_dora_on_open_clip_attention_is_refused_in_one_line():
+    model = models.create_model("test-vit-micro")
+    with pytest.raises(ValueError, match=r"use_dora: .*nn.MultiheadAttention.*leave attn out") as error:
+        apply_lora(model, LoraSettings(targets=["attn", "mlp"], use_dora=True))
+    assert "\n" not in str(error.value)
+    assert not has_lora(model) and all(p.requires_grad for p in model.parameters()), "refused, yet changed"
+    apply_lora(model, LoraSettings(targets=["mlp"], use_dora=True))  # the MLP Linears take DoRA
+    assert has_lora(model)

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import signal
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch import Callback
 
 from mmret.training.dual_encoder import warmup_cosine
 from tests.fit_args import DUAL_ENCODER, fit_argv
@@ -146,3 +148,59 @@ def test_an_in_process_fit_leaves_no_run_dir_behind(tmp_path, digits_root, monke
     assert main(fit_argv(**common)) == 0  # no --run_dir: a fresh default directory, not "first"
     assert len(list((tmp_path / "first" / "checkpoints").glob("*.ckpt"))) >= 1
     assert [p.name for p in (tmp_path / "runs").iterdir()] != []
+
+
+class RecordIds(Callback):
+    """Appends each training batch's first sample ids (and the loader's count) to a JSON-lines file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        loader = trainer.fit_loop._combined_loader.flattened[0]
+        record = {
+            "step": trainer.global_step,
+            "ids": batch["sample_id"][:8].tolist(),
+            "seen": loader.batches_seen,
+        }
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+@pytest.mark.slow
+def test_a_mid_epoch_resume_streams_the_rest_of_the_epoch_not_its_start(tmp_path, digits_root, monkeypatch):
+    """Preempted after step 2 of a long epoch (one pass over the train shards), the rerun draws fresh batches 3..6
+    of that epoch; it used to rebuild its loader without the saved position and replay the epoch's first batches
+    (the same sample ids)."""
+    from mmret.cli import main
+    from mmret.training.callbacks import PREEMPTED_EXIT_CODE
+    from mmret.training.run_dir import RUN_DIR_ENV
+
+    monkeypatch.delenv(RUN_DIR_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    log = tmp_path / "ids.jsonl"
+
+    def argv(signal_at: int | None) -> list[str]:
+        callbacks = [{"class_path": f"{__name__}.RecordIds", "init_args": {"path": str(log)}}]
+        if signal_at is not None:
+            callbacks.append(
+                {"class_path": "tests.test_preemption.SignalAtStep", "init_args": {"step": signal_at}}
+            )
+        extra = [item for c in callbacks for item in ("--trainer.callbacks+", json.dumps(c))]
+        return fit_argv(module=DUAL_ENCODER, train=digits_root / "train", batch_size=16, num_workers=1,
+                        max_steps=6, limit_val_batches=0, run_dir=tmp_path / "run", extra=extra)  # fmt: skip
+
+    with pytest.raises(SystemExit) as leaving:
+        main(argv(signal_at=2))
+    assert leaving.value.code == PREEMPTED_EXIT_CODE
+    assert main(argv(signal_at=None)) == 0
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    before = [r for r in records[:3]]  # steps 0, 1 and the batch drawn when the signal came
+    after = records[3:]
+    assert [r["step"] for r in after] == [2, 3, 4, 5], "6 steps, each once"
+    assert [r["seen"] for r in after] == [3, 4, 5, 6], "the loader counts on from the saved position"
+    seen_ids = {i for r in before[:2] for i in r["ids"]}
+    assert not seen_ids & {i for r in after for i in r["ids"][:1]}, (
+        "a resumed step replayed the epoch's start"
+    )
+    assert after[0]["ids"] != before[0]["ids"]

@@ -155,6 +155,7 @@ def test_the_service_prints_its_url_and_reports_health(served):
         "images": NUM_IMAGES,
         "captions": 0,
         "model": "test-vit-micro",
+        "dim": 32,
         "reranker": True,
     }
 

@@ -42,13 +42,24 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         required=True,
-        help="a dual-encoder .ckpt written by `mmret fit`, a folder written by `mmret export`, or an open_clip "
-        "model name with --pretrained (the zero-shot baseline)",
+        help="a dual-encoder .ckpt written by `mmret fit` (a file, or a folder under strategy fsdp2), a folder "
+        "written by `mmret export`, or an open_clip model name with --pretrained (the zero-shot baseline)",
     )
     parser.add_argument(
         "--pretrained",
         default=None,
         help="with a model name: an open_clip pretrained tag (e.g. openai) or a weights file (default: none)",
+    )
+
+
+def add_index_dim_argument(parser: argparse.ArgumentParser) -> None:
+    """`--dim` of the commands that query an index (search, serve): checked against the index's own."""
+    parser.add_argument(
+        "--dim",
+        type=int,
+        default=None,
+        help="the query embedding's width; always the index's own (`mmret index --dim`), so only checked "
+        "against it (default: the index's)",
     )
 
 

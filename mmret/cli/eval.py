@@ -6,11 +6,14 @@
     mmret eval --model CKPT --data data/shapes --protocol clip_benchmark --output shapes_clip_benchmark.json
     mmret eval --task compositional --model CKPT --data data/shapes [--reranker CKPT] --output comp.json
     mmret eval --task compositional --model CKPT --benchmark swap_att.json --image-root val2017 --output s.json
+    mmret eval --model CKPT --data data/digits --dim 32 --output digits_dim32.json     # a Matryoshka prefix
 
 What is computed and written (the results JSON, `_examples.png`, `_recall.png`) is `mmret.evaluation.results`;
 for `--task compositional` (caption perturbations and twin images, or SugarCrepe / ARO files; the JSON and
 `_compositional.png`) it is `mmret.evaluation.compositional`. This module reads the arguments, loads the
-checkpoints and prints the headline numbers.
+checkpoints and prints the headline numbers. `--dim D` evaluates the first D coordinates of every embedding,
+re-normalised (`mmret.evaluation.matryoshka`); without it a Matryoshka checkpoint also reports every dim it was
+trained at (`dim<d>/<metric>`).
 """
 
 from __future__ import annotations
@@ -71,6 +74,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="folder of the --benchmark files' relative image paths (default: each file's folder)",
     )
     parser.add_argument(
+        "--dim",
+        type=int,
+        default=None,
+        help="evaluate the first DIM coordinates of every embedding, re-normalised (a Matryoshka prefix; 1 .. the "
+        "embedding width). Default: the full width, plus every smaller dim a Matryoshka checkpoint was trained "
+        "at, reported as dim<d>/<metric>",
+    )
+    parser.add_argument(
         "--split", choices=SPLITS, default="test", help="split of a dataset root (default: %(default)s)"
     )
     parser.add_argument(
@@ -120,6 +131,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run `mmret eval` with parsed arguments."""
+    from mmret.evaluation.matryoshka import check_dim, prefix_encoder
     from mmret.evaluation.results import EvalOptions, evaluate, open_eval_data
     from mmret.evaluation.shard_set import resolve_data_path, resolve_device
     from mmret.io import check_output_file
@@ -141,12 +153,15 @@ def run(args: argparse.Namespace) -> int:
             check_results_summary_target(args.model)  # before any work: a run without W&B is a usage error
         eval_data = open_eval_data(data_path, args.task, args.batch_size, args.num_workers)
     module = DualEncoder.load(args.model, args.pretrained, device)  # UsageError for anything else
+    if args.dim is not None:
+        check_dim(args.dim, module, f"--model {args.model}")
+        module = prefix_encoder(module, args.dim)
     reranker = CrossEncoder.load(args.reranker, device) if args.reranker is not None else None
     options = EvalOptions(
         model=args.model, output=str(output), task=args.task, split=args.split, batch_size=args.batch_size,
         device=str(device), num_workers=args.num_workers, num_examples=args.num_examples,
         examples_top_k=args.examples_top_k, reranker=args.reranker, top_k=args.top_k, fusion=args.fusion,
-        protocol=args.protocol, pretrained=args.pretrained,
+        protocol=args.protocol, pretrained=args.pretrained, dim=args.dim,
     )  # fmt: skip
     with quiet_progress(args.quiet):
         if args.benchmark:
@@ -184,6 +199,12 @@ def summary_line(results: dict) -> str:
     summary = ", ".join(f"{key}={metrics[key]:.4f}" for key in shown)
     if results.get("protocol", "mmret") != "mmret":
         summary += f" ({results['protocol']} protocol)"
+    if (results.get("config") or {}).get("eval", {}).get("dim") is not None:
+        summary += f" (first {results['dim']} dims)"
+    for dim in (results.get("matryoshka_dims") or [])[1:]:
+        summary += f"; dim {dim}: " + ", ".join(
+            f"{key}={metrics[f'dim{dim}/{key}']:.4f}" for key in shown if f"dim{dim}/{key}" in metrics
+        )
     if reranked is not None:
         ceiling = results["first_stage_ceiling"]
         summary += (
@@ -232,6 +253,8 @@ def check_numbers(args: argparse.Namespace) -> None:
     for name in ("batch_size", "num_examples", "examples_top_k"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} is {getattr(args, name)}; expected an integer >= 1")
+    if getattr(args, "dim", None) is not None and args.dim < 1:
+        raise UsageError(f"--dim is {args.dim}; expected an integer >= 1 (a prefix of the embedding)")
     if getattr(args, "top_k", 1) < 1:
         raise UsageError(f"--top-k is {args.top_k}; expected an integer >= 1")
     if not 0.0 <= getattr(args, "fusion", 0.0) <= 1.0:

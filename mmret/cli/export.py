@@ -89,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     module = DualEncoder.from_checkpoint(args.checkpoint)
     card = _card_info(args.checkpoint, module.hparams.model, output, results)
+    card.matryoshka_dims = [dim for dim, _ in module.matryoshka]  # [] unless trained with matryoshka_dims
     if args.format == "open_clip":
         written = export_open_clip(
             module.model, None, output, overwrite=args.overwrite, hf_model_name=args.hf_model_name, card=card

@@ -2,11 +2,14 @@
 
     mmret index --model runs/shapes/checkpoints/last.ckpt --data data/shapes/test --output runs/shapes.index
     mmret index --model CKPT --data /data/laion/{00000..00099}.tar --output s3://bucket/laion.index --captions
+    mmret index --model MATRYOSHKA.ckpt --data data/shapes/test --output runs/shapes32.index --dim 32
 
 The index is a LanceDB database (a local folder, or any LanceDB URI: s3://, gs://, db:// for LanceDB
 Cloud/Enterprise) holding each image's vector and metadata (key, captions, shard and member, original path).
 Running it again with more shards embeds only the new ones; an interrupted build resumes where it stopped.
 Tables of at least --approximate-above rows get an IVF-PQ index; smaller ones are searched exactly.
+`--dim D` stores the first D coordinates of each embedding, re-normalised (a Matryoshka prefix): the index
+records D, and `mmret search` / `mmret serve` embed their queries the same way.
 What an index holds and how it is kept consistent: `mmret.serving.index`.
 """
 
@@ -43,6 +46,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--batch-size", type=int, default=64, help="images per forward pass (default: %(default)s)"
     )
+    parser.add_argument(
+        "--dim",
+        type=int,
+        default=None,
+        help="store the first DIM coordinates of each embedding, re-normalised (a Matryoshka prefix; 1 .. the "
+        "embedding width). Default: the full width (an existing index: its own dim)",
+    )
     add_run_arguments(parser)
     parser.add_argument(
         "--approximate-above",
@@ -72,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise UsageError(f"--batch-size is {args.batch_size}; expected an integer >= 1")
+    if args.dim is not None and args.dim < 1:
+        raise UsageError(f"--dim is {args.dim}; expected an integer >= 1 (a prefix of the embedding)")
     approximate_above = (
         DEFAULT_APPROXIMATE_ABOVE if args.approximate_above is None else args.approximate_above
     )
@@ -96,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         report = build_index(
             args.model, shards, output, captions=args.captions, batch_size=args.batch_size,
             device=resolve_device(args.device), approximate_above=approximate_above, shard_sizes=sizes,
-            pretrained=args.pretrained,
+            pretrained=args.pretrained, dim=args.dim,
         )  # fmt: skip
     search = "approximate (IVF-PQ)" if report.approximate else "exact"
     print(

@@ -7,7 +7,8 @@
 
 The query is embedded by the index's own dual encoder (recorded in the index; --model to point at a moved
 checkpoint of the same model). --format jsonl prints one JSON record per result (rank, key, score,
-reranker_score, caption, image_path, shard, member, ...); --sheet writes a contact sheet PNG.
+reranker_score, caption, image_path, shard, member, ...); --sheet writes a contact sheet PNG. An index built
+with `mmret index --dim D` (Matryoshka prefixes) is searched at D: the query embedding is cut the same way.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import json
 import sys
 
+from mmret.cli import add_index_dim_argument
 from mmret.errors import UsageError
 
 
@@ -43,6 +45,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--exact", action="store_true", help="exact search even where the index is approximate"
     )
+    add_index_dim_argument(parser)
     parser.add_argument(
         "--format", choices=("table", "jsonl"), default="table", help="output (default: %(default)s)"
     )
@@ -82,8 +85,12 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--captions searches captions with an image query; add --image PATH")
     if args.reranker is None and args.rerank_top is not None:
         raise UsageError("--rerank-top needs --reranker CKPT")
+    if args.dim is not None and args.dim < 1:
+        raise UsageError(f"--dim is {args.dim}; expected an integer >= 1 (a prefix of the embedding)")
     sheet = check_output_file(args.sheet, option="--sheet", expected="a .png file") if args.sheet else None
-    retriever = Retriever.open(args.index, model=args.model, reranker=args.reranker, device=args.device)
+    retriever = Retriever.open(
+        args.index, model=args.model, reranker=args.reranker, device=args.device, dim=args.dim
+    )
     rerank_top = None
     if args.reranker is not None:
         available = retriever.index.num_images if not args.captions else retriever.index.num_captions

@@ -8,7 +8,8 @@ The endpoints, the answer's shape and the errors are `mmret.serving.app`'s. The 
 before the models load: a port in use is a one-line error, not a traceback after loading, and a client that
 connects while the models load (e.g. `mmret serve ... &` then `curl`) waits and is answered once the service
 is up. `--port 0` takes any free port; the printed URL names it. Ctrl+C (or SIGTERM) stops the service after
-the requests in flight.
+the requests in flight. Queries are embedded at the index's dim (for an index of Matryoshka prefixes, `mmret
+index --dim D`, their first D coordinates, re-normalised).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import argparse
 import socket
 import sys
 
+from mmret.cli import add_index_dim_argument
 from mmret.errors import UsageError
 
 
@@ -37,6 +39,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         default=20,
         help="first-stage results the reranker rescores when a request gives none (default: %(default)s)",
     )
+    add_index_dim_argument(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     parser.add_argument(
         "--port", type=int, default=8000, help="TCP port; 0: any free port (default: %(default)s)"
@@ -87,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
     """Run `mmret serve` with parsed arguments: bind, load the models, print the URL, serve until stopped."""
     if args.rerank_top < 1:
         raise UsageError(f"--rerank-top is {args.rerank_top}; expected an integer >= 1")
+    if args.dim is not None and args.dim < 1:
+        raise UsageError(f"--dim is {args.dim}; expected an integer >= 1 (a prefix of the embedding)")
     sock = bind_socket(args.host, args.port)
     try:
         import uvicorn
@@ -94,7 +99,9 @@ def run(args: argparse.Namespace) -> int:
         from mmret.serving.app import create_app
         from mmret.serving.retriever import Retriever
 
-        retriever = Retriever.open(args.index, model=args.model, reranker=args.reranker, device=args.device)
+        retriever = Retriever.open(
+            args.index, model=args.model, reranker=args.reranker, device=args.device, dim=args.dim
+        )
         app = create_app(retriever, rerank_top_default=args.rerank_top)
         health = app.state.service.health()
         reranker = f"reranker {args.reranker}" if args.reranker else "no reranker"

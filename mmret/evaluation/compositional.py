@@ -411,6 +411,8 @@ def compositional_document(
         results["reranked_metrics"] = {key: float(value) for key, value in reranked.items()}
         results["config"]["reranker"] = checkpoint_hyperparameters(options.reranker)
         results["config"]["eval"]["reranker"] = str(options.reranker)
+    if getattr(options, "dim", None) is not None:  # `--dim`: the module embedded into this prefix
+        results["config"]["eval"]["dim"] = options.dim
     return results
 
 

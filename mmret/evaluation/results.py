@@ -17,10 +17,14 @@ then reports the task as "zeroshot"; `--task zeroshot` requires them; `--task re
 Writes, replacing files of the same names (a rerun overwrites its results; each file is written to a temporary
 name and renamed, so none is ever half-written):
 
-    results.json           {"task", "protocol", "model", "data", "num_images", "num_texts", "metrics",
+    results.json           {"task", "protocol", "model", "data", "num_images", "num_texts", "dim", "metrics",
                             "counts", "top_k": null, "skipped", "config": {"model": <checkpoint
                             hyperparameters>, "eval": <these arguments>}}   (the Results contract, README
-                            "Results"; a file without "protocol" was written before it existed: `mmret`)
+                            "Results"; a file without "protocol" was written before it existed: `mmret`).
+                            "dim": the embedding width measured (`--dim D`, also in config.eval, cuts
+                            every embedding to its first D coordinates, re-normalised); a Matryoshka
+                            checkpoint without --dim adds "matryoshka_dims" and `dim<d>/<metric>` for
+                            every smaller trained dim (`mmret.evaluation.matryoshka`)
     results_examples.png   a few text queries (the first ones in caption-hash order: fixed for a data set) and
                            their top-ranked images, correct ones framed in green and wrong ones in red; with a
                            reranker, two labelled rows per query: the first stage's top images and the reranked
@@ -48,8 +52,10 @@ from pathlib import Path
 import torch
 
 from mmret.errors import UsageError
+from mmret.evaluation.matryoshka import trained_dims, truncate_eval_set
 from mmret.evaluation.shard_set import check_has_captions, embed_data, read_images
 from mmret.io import write_json_atomic
+from mmret.losses import truncate_embeddings
 
 TASKS = ("auto", "retrieval", "zeroshot", "compositional")
 DEFAULT_TEMPLATES = ["a photo of a {}."]
@@ -74,6 +80,7 @@ class EvalOptions:
     fusion: float = 0.0
     protocol: str = "mmret"
     pretrained: str | None = None  # with `model` a model name: its pretrained tag or weights file
+    dim: int | None = None  # `--dim`: the module embeds into this prefix (`mmret.evaluation.matryoshka`)
 
 
 @dataclass
@@ -135,11 +142,16 @@ def evaluate(module, eval_data: EvalData, options: EvalOptions, reranker=None) -
                 module.encode_texts, eval_data.class_names, eval_data.templates
             )
     metrics = evaluation_metrics(eval_set, classifier=classifier)
+    # a Matryoshka checkpoint evaluated at its full width: every smaller trained dim too, as dim<d>/<metric>
+    dims = trained_dims(module) if options.dim is None else []
+    metrics.update(matryoshka_metrics(module, eval_set, dims, eval_data if task == "zeroshot" else None))
     reranked, ceiling, top_k, lists = rerank(reranker, options, data, eval_set, device)
     results = results_document(
         task, options, data_path, eval_set, metrics, skipped, device,
         eval_data.templates if task == "zeroshot" else None, reranked_metrics=reranked, top_k=top_k,
     )  # fmt: skip
+    if dims:
+        results["matryoshka_dims"] = [int(eval_set.image_emb.shape[1]), *dims]
     if reranked is not None:
         results["first_stage_ceiling"] = ceiling
         results["config"]["reranker"] = checkpoint_hyperparameters(options.reranker)
@@ -154,6 +166,35 @@ def evaluate(module, eval_data: EvalData, options: EvalOptions, reranker=None) -
     results["pictures"] = [str(path) for path in pictures]
     write_json_atomic(output, results)  # last: a results file means a complete run
     return results
+
+
+def matryoshka_metrics(module, eval_set, dims: list[int], zeroshot: EvalData | None) -> dict:
+    """The metrics of `eval_set` cut to each of `dims` (`truncate_eval_set`; the zero-shot classifier from the
+    cut prompt embeddings when `zeroshot` gives the class names), named `dim<d>/<metric>`; counts left out (they
+    are the full width's)."""
+    from mmret.evaluation.metrics import build_zeroshot_classifier
+    from mmret.evaluation.retrieval import evaluation_metrics
+
+    prompt_emb: dict[tuple[str, ...], torch.Tensor] = {}  # prompts embedded once, cut to every dim
+
+    def encode_prompts(texts: list[str]) -> torch.Tensor:
+        if tuple(texts) not in prompt_emb:
+            prompt_emb[tuple(texts)] = module.encode_texts(texts)
+        return prompt_emb[tuple(texts)]
+
+    metrics = {}
+    for dim in dims:
+        classifier = None
+        if zeroshot is not None:
+            with torch.no_grad():
+                classifier = build_zeroshot_classifier(
+                    lambda texts, dim=dim: truncate_embeddings(encode_prompts(texts), dim),
+                    zeroshot.class_names,
+                    zeroshot.templates,
+                )
+        prefix = evaluation_metrics(truncate_eval_set(eval_set, dim), classifier=classifier)
+        metrics.update({f"dim{dim}/{name}": value for name, value in prefix.items() if not is_count(name)})
+    return metrics
 
 
 def rerank(reranker, options: EvalOptions, data, eval_set, device: torch.device):
@@ -212,6 +253,7 @@ def results_document(
         "data": str(data_path),
         "num_images": eval_set.num_images,
         "num_texts": eval_set.num_texts,
+        "dim": int(eval_set.image_emb.shape[1]),
         "metrics": {key: float(value) for key, value in metrics.items() if not is_count(key)},
         "counts": {key: int(value) for key, value in metrics.items() if is_count(key)},
         "top_k": top_k,
@@ -229,6 +271,8 @@ def results_document(
             },
         },
     }
+    if options.dim is not None:  # only then: a results file without it was evaluated at the full width
+        results["config"]["eval"]["dim"] = options.dim
     if reranked_metrics is not None:
         results["reranked_metrics"] = {k: float(v) for k, v in reranked_metrics.items() if not is_count(k)}
     return results

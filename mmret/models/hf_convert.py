@@ -40,6 +40,7 @@ from torch import nn
 from mmret.errors import UsageError
 from mmret.models.factory import get_tokenizer, model_info
 from mmret.models.hf_processing import BOS_TOKEN_ID, EOS_TOKEN_ID, PAD_TOKEN_ID, VOCAB_SIZE
+from mmret.models.lora import has_lora, merge_lora
 
 
 def transformers_family(model: nn.Module) -> str:
@@ -69,11 +70,14 @@ def transformers_family(model: nn.Module) -> str:
 
 
 def to_transformers(model: nn.Module):
-    """The transformers model (CLIPModel or SiglipModel, fp32, eval mode, on CPU) holding `model`'s weights.
+    """The transformers model (CLIPModel or SiglipModel, fp32, eval mode, on CPU) holding `model`'s weights
+    (LoRA adapters, `mmret.models.lora`, merged into them).
 
     Raises:
         UsageError: no exact transformers counterpart (see `transformers_family`).
     """
+    if has_lora(model):
+        model = merge_lora(model)
     family = transformers_family(model)
     state_dict = {key: value.detach().cpu().float() for key, value in model.state_dict().items()}
     mapper = _WeightMap(state_dict)

@@ -12,7 +12,9 @@ embeds a few random images and captions and must agree with the checkpoint (1e-4
 1e-7 is typical), with the exported tokenizer giving open_clip's token ids. The embeddings are those of
 `mmret.models.encode_image` / `encode_text`; sentence-transformers' `encode` L2-normalises them too (a
 Normalize module), transformers' `get_*_features` return them unnormalised, like open_clip. Text is tokenised
-and images preprocessed as open_clip does (`mmret.models.hf_processing`).
+and images preprocessed as open_clip does (`mmret.models.hf_processing`). A model with LoRA adapters
+(`mmret.models.lora`) is exported with them merged into its weights (`merge_lora`; the model itself keeps them),
+and the check compares the export with the adapted model.
 
 Everything is written into a work folder renamed into place at the end (`mmret.io.atomic_output_dir`), with a
 model card (`mmret.models.model_card`).
@@ -33,6 +35,7 @@ from mmret.io import atomic_output_dir, follow_umask
 from mmret.models.factory import get_tokenizer, model_info, quiet_transformers
 from mmret.models.hf_convert import text_tower_view, to_transformers, transformers_family
 from mmret.models.hf_processing import clip_image_processor, clip_tokenizer, write_bpe_files
+from mmret.models.lora import has_lora, merge_lora
 from mmret.models.model_card import CardInfo, write_model_card
 
 __all__ = [
@@ -84,8 +87,7 @@ def export_transformers(
         UsageError: no exact transformers counterpart, an existing destination, or one that cannot be written.
     """
     output_dir = _check_destination(output_dir, overwrite)
-    family = transformers_family(model)
-    hf_model, processor = _checked_export(model, family)
+    hf_model, processor, family = _checked_export(model)
     with atomic_output_dir(output_dir, overwrite=True) as work, quiet_transformers():
         _save_transformers(hf_model, processor, work)
         write_model_card(
@@ -124,8 +126,7 @@ def export_sentence_transformers(
             "pip install 'sentence-transformers>=6.3'"
         ) from None
     output_dir = _check_destination(output_dir, overwrite)
-    family = transformers_family(model)
-    hf_model, processor = _checked_export(model, family)
+    hf_model, processor, family = _checked_export(model)
     processing = {}
     if family == "siglip":
         context_length = text_tower_view(model).context_length
@@ -158,18 +159,21 @@ def _preprocess_cfg(model: nn.Module) -> dict:
 
 
 # ---- checking and writing ---------------------------------------------------------------------------------
-def _checked_export(model: nn.Module, family: str):
-    """The transformers model and processor, checked to embed like `model` (else a UsageError)."""
+def _checked_export(model: nn.Module):
+    """(transformers model, processor, family), checked to embed like `model` (else a UsageError); LoRA
+    adapters merged into the weights, and the check made against the adapted model."""
+    plain = merge_lora(model) if has_lora(model) else model
+    family = transformers_family(plain)
     with quiet_transformers():
-        hf_model = to_transformers(model)
-        processor = processor_for(model, family)
+        hf_model = to_transformers(plain)
+        processor = processor_for(plain, family)
     difference = embedding_difference(model, hf_model, processor)
     if not difference <= MAX_EMBEDDING_DIFFERENCE:
         raise UsageError(
             f"the converted {type(hf_model).__name__} embeds differently from the checkpoint (max |difference| "
             f"{difference:.2e} > {MAX_EMBEDDING_DIFFERENCE:g}); this architecture does not map exactly"
         )
-    return hf_model, processor
+    return hf_model, processor, family
 
 
 @torch.no_grad()

@@ -27,8 +27,8 @@ from __future__ import annotations
 import copy
 import math
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -39,11 +39,17 @@ TOWERS = ("image", "text")
 KINDS = ("attn", "mlp")
 UNLOCKABLE = ("logit_scale", "logit_bias", "projections")
 
-_ATTN_NAME = re.compile(r"(^|\.)(attn|attention|self_attn|q_proj|k_proj|v_proj|qkv)(\.|$)")
+# timm's attention pooling (SigLIP's MAP head): its q / kv / proj are attention, its mlp an MLP.
+_ATTN_NAME = re.compile(
+    r"(^|\.)(attn|attention|self_attn|q_proj|k_proj|v_proj|qkv)(\.|$)|(^|\.)attn_pool\.(q|kv|proj)$"
+)
 _MLP_NAME = re.compile(
     r"(^|\.)(mlp|intermediate|ffn|feed_forward|fc1|fc2)(\.|$)|(^|\.)layer\.\d+\.output\.dense$"
 )
-_PROJECTION_PARAM = re.compile(r"^(visual\.proj|text_projection|visual\.head\.proj\.\w+|text\.proj\.\w+)$")
+# The towers' output projections: CLIP's matrices, a CustomTextCLIP native text tower's Linear, timm / HF heads.
+_PROJECTION_PARAM = re.compile(
+    r"^(visual\.proj|text_projection|text\.text_projection(\.\w+)?|visual\.head\.proj\.\w+|text\.proj\.\w+)$"
+)
 
 
 @dataclass
@@ -59,6 +65,10 @@ class LoraSettings:
             output projections).
         freeze_norm_stats: Freeze BatchNorm running statistics too (timm CNN towers; `FrozenBatchNorm2d`, as a
             locked tower), so no base tensor changes in training.
+        use_rslora: rank-stabilised LoRA (peft's `use_rslora`): scale by alpha / sqrt(rank) instead of alpha / rank.
+        use_dora: weight-decomposed LoRA (DoRA, peft's `use_dora`): a trained magnitude per output row besides the
+            low-rank direction update; on Linear layers (timm and Hugging Face towers, open_clip MLPs), not on
+            open_clip's nn.MultiheadAttention (leave `attn` out of the targets there).
     """
 
     rank: int = 8
@@ -67,6 +77,8 @@ class LoraSettings:
     targets: list[str] = field(default_factory=lambda: ["image", "text", "attn", "mlp"])
     unlock: list[str] = field(default_factory=list)
     freeze_norm_stats: bool = True
+    use_rslora: bool = False
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         if int(self.rank) < 1:
@@ -94,22 +106,35 @@ class LoraSettings:
         """Settings from a LightningCLI dict (`model.lora: {rank: 8, ...}`), a LoraSettings, or None."""
         if value is None or isinstance(value, LoraSettings):
             return value
+        if not isinstance(value, Mapping):
+            raise ValueError(f"lora is {value!r}; expected a mapping like {{rank: 8, alpha: 16}}")
+        known = [f.name for f in fields(cls)]
+        unknown = [key for key in value if key not in known]
+        if unknown:
+            raise ValueError(f"lora has unknown keys {unknown}; expected some of {', '.join(known)}")
         return cls(**dict(value))
 
     @property
     def scaling(self) -> float:
-        return float(self.alpha) / int(self.rank)
+        return float(self.alpha) / (math.sqrt(int(self.rank)) if self.use_rslora else int(self.rank))
 
 
 class LoraMultiheadAttention(nn.Module):
     """LoRA around an `nn.MultiheadAttention` (q/k/v in-projection and out-projection), base weights read-only."""
 
-    def __init__(self, base: nn.MultiheadAttention, rank: int, alpha: float, dropout: float) -> None:
+    def __init__(
+        self,
+        base: nn.MultiheadAttention,
+        rank: int,
+        alpha: float,
+        dropout: float,
+        scaling: float | None = None,
+    ) -> None:
         super().__init__()
         if not base._qkv_same_embed_dim:
             raise ValueError("LoRA on nn.MultiheadAttention needs kdim == vdim == embed_dim")
         self.base = base
-        self.scaling = float(alpha) / rank
+        self.scaling = float(alpha) / rank if scaling is None else float(scaling)
         embed = base.embed_dim
         self.lora_in_A = nn.Parameter(torch.empty(rank, embed, dtype=base.in_proj_weight.dtype))
         self.lora_in_B = nn.Parameter(torch.zeros(3 * embed, rank, dtype=base.in_proj_weight.dtype))
@@ -263,18 +288,25 @@ def apply_lora(model: nn.Module, settings: LoraSettings | dict) -> nn.Module:
     names = lora_targets(model, settings)
     if not names:
         raise ValueError(f"lora.targets {settings.targets} select no layer of this model")
+    modules = dict(model.named_modules())
+    attention = [n for n in names if isinstance(modules[n], nn.MultiheadAttention)]
+    linear = [n for n in names if n not in attention]
+    if attention and settings.use_dora:
+        raise ValueError(
+            f"lora.use_dora: {attention[0]} is an nn.MultiheadAttention (open_clip), which mmret adapts with plain "
+            "LoRA only; leave attn out of lora.targets, or set use_dora false"
+        )
     for param in model.parameters():
         param.requires_grad_(False)
     if settings.freeze_norm_stats:
         freeze_batch_norm_2d(model)
-    modules = dict(model.named_modules())
-    attention = [n for n in names if isinstance(modules[n], nn.MultiheadAttention)]
-    linear = [n for n in names if n not in attention]
     for name in attention:
         _set_child(
             model,
             name,
-            LoraMultiheadAttention(modules[name], settings.rank, settings.alpha, settings.dropout),
+            LoraMultiheadAttention(
+                modules[name], settings.rank, settings.alpha, settings.dropout, scaling=settings.scaling
+            ),
         )
     if linear:
         from peft import LoraConfig, inject_adapter_in_model
@@ -283,7 +315,11 @@ def apply_lora(model: nn.Module, settings: LoraSettings | dict) -> nn.Module:
             r=int(settings.rank),
             lora_alpha=settings.alpha,
             lora_dropout=float(settings.dropout),
-            target_modules=linear,
+            use_rslora=bool(settings.use_rslora),
+            use_dora=bool(settings.use_dora),
+            # One regular expression, which peft matches against whole names: a list would be matched by suffix,
+            # and CLIP's text layers (`transformer.resblocks.0.mlp.c_fc`) end the image tower's names too.
+            target_modules="|".join(re.escape(name) for name in linear),
             bias="none",
         )
         inject_adapter_in_model(config, model)

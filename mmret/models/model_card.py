@@ -11,7 +11,9 @@ written by huggingface_hub's own `ModelCardData`, so `huggingface_hub.ModelCard.
 it back. In the model-index zero-shot accuracies (`acc1`, `acc5`, `mean_per_class_recall`) are a
 `zero-shot-image-classification` result, the compositional accuracies of `--task compositional` an
 `image-text-matching` one and every other metric an `image-text-retrieval` one; reranked metrics are named
-`reranked_<name>`.
+`reranked_<name>`. A dual encoder trained with Matryoshka embeddings (`matryoshka_dims`) gets the `matryoshka`
+tag and a section naming its trained dims and how to cut an embedding to one (sentence-transformers'
+`truncate_dim` plus normalisation; a slice plus normalisation elsewhere).
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ class CardInfo:
         exported_commit: The git commit of the mmret that exported it.
         datasets: Names of the training data sets.
         results: `mmret eval` results documents (`{"task", "data", "metrics", ...}`).
+        matryoshka_dims: The prefix widths a Matryoshka dual encoder was trained at, the full width first
+            (`DualEncoder.matryoshka`); empty for any other model.
     """
 
     model_name: str
@@ -72,6 +76,7 @@ class CardInfo:
     exported_commit: str | None = None
     datasets: list[str] = field(default_factory=list)
     results: list[dict] = field(default_factory=list)
+    matryoshka_dims: list[int] = field(default_factory=list)
 
 
 def read_results(path: str | Path) -> dict:
@@ -113,7 +118,7 @@ def write_model_card(directory: str | Path, info: CardInfo, library_name: str, f
         model_name=info.model_name,
         library_name=library_name,
         pipeline_tag=PIPELINE_TAGS[library_name],
-        tags=_tags(library_name, family),
+        tags=_tags(library_name, family) + (["matryoshka"] if info.matryoshka_dims else []),
         datasets=list(info.datasets) or None,
         eval_results=_eval_results(info.results) or None,
     )
@@ -211,6 +216,8 @@ def _body(info: CardInfo, library_name: str, family: str) -> str:
         "```",
         "",
     ]
+    if info.matryoshka_dims:
+        lines += _matryoshka_section(info.matryoshka_dims, library_name)
     if info.results:
         lines += ["## Evaluation (`mmret eval`)", ""]
         for document in info.results:
@@ -271,6 +278,36 @@ def _usage(library_name: str) -> list[str]:
         "from sentence_transformers import SentenceTransformer",
         'model = SentenceTransformer("PATH")',
         'embeddings = model.encode(["a photo of a cat", Image.open("cat.jpg")])  # L2-normalised',
+    ]
+
+
+def _matryoshka_section(dims: list[int], library_name: str) -> list[str]:
+    """How to use the smaller embeddings of a Matryoshka model: cut to the first d coordinates, re-normalise."""
+    small = dims[-1]
+    listed = ", ".join(str(dim) for dim in dims)
+    if library_name == "sentence-transformers":
+        usage = [
+            "from sentence_transformers import SentenceTransformer",
+            f'model = SentenceTransformer("PATH", truncate_dim={small})',
+            f'embeddings = model.encode(["a photo of a cat"], normalize_embeddings=True)  # [1, {small}], unit norm',
+        ]
+    else:
+        usage = [
+            "import torch.nn.functional as F",
+            f"small = F.normalize(embeddings[..., :{small}], dim=-1)  # the first {small} coordinates, unit norm",
+        ]
+    return [
+        "## Matryoshka embeddings",
+        "",
+        f"Trained with Matryoshka representation learning at dims {listed}: the first d coordinates of an "
+        "embedding, re-normalised, are an embedding of their own (smaller indexes, faster search). Cut image "
+        "and caption embeddings alike (`mmret eval --dim d` measures a prefix; the metrics below at each dim "
+        "are named `dim<d>/...`):",
+        "",
+        "```python",
+        *usage,
+        "```",
+        "",
     ]
 
 

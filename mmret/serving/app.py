@@ -4,7 +4,8 @@
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
 Endpoints:
-- `GET /health`: `{"status": "ok", "images": N, "captions": M, "model": architecture, "reranker": bool}`.
+- `GET /health`: `{"status": "ok", "images": N, "captions": M, "model": architecture, "dim": D,
+  "reranker": bool}` (D: the index's vector width).
 - `POST /search` with a JSON body `{"text": str, "k": 10, "rerank": false, "rerank_top": null, "rag": false}`
   (text -> images), or a multipart form with a file field `image` and optional fields `k` (image -> nearest
   images; an image query cannot be reranked or handed to an LLM: both need a text). The answer:
@@ -222,6 +223,7 @@ class SearchService:
             "images": index.num_images,
             "captions": index.num_captions,
             "model": index.manifest["model"].get("architecture", ""),
+            "dim": index.dim,  # the width of the stored vectors and of the query embeddings
             "reranker": self.retriever.reranker is not None,
         }
 

@@ -10,8 +10,13 @@ Layout of an index (a LanceDB database at a folder or URI):
   `offset`/`size` (its bytes in an uncompressed tar, -1 when unknown), `sample_id`, `captions` (all of them),
   `label`, `path` (the original file or URL an img2dataset/mmret shard recorded, if any) and `vector`;
 - table `captions` (with `captions=True`): one row per (image, caption) — `text`, `key`, `shard`, `vector`;
-- the manifest: the model (checkpoint, architecture, embedding width, a fingerprint: its embeddings of fixed
-  probe inputs), the shards done (with their size and modification time), and the approximate index if any.
+- the manifest: the model (checkpoint, architecture, the width of the stored vectors `dim` and of the model's
+  embeddings `embed_dim`, a fingerprint: its embeddings of fixed probe inputs), the shards done (with their size
+  and modification time), and the approximate index if any.
+
+With `dim` (`mmret index --dim D`) the vectors are the first D coordinates of each embedding, re-normalised (a
+Matryoshka prefix, `mmret.evaluation.matryoshka`), and so is the fingerprint; queries are embedded the same way
+(`Retriever` reads the index's `dim`). Adding shards to an index keeps its dim.
 
 Incremental and resumable: shards are embedded one at a time and recorded in the manifest only once their rows
 are in; a shard's rows that an interrupted build left behind are deleted before it is embedded again; a second
@@ -257,6 +262,7 @@ def build_index(
     module=None,
     pretrained: str | None = None,
     shard_sizes: dict[str, int | None] | None = None,
+    dim: int | None = None,
 ) -> BuildReport:
     """Embed the shards not yet in the index at `output` (created if missing) and store them.
 
@@ -271,18 +277,35 @@ def build_index(
         module: the loaded dual encoder of `model`, when the caller has it already.
         pretrained: with `model` a model name: its open_clip pretrained tag or weights file.
         shard_sizes: samples per shard where known (the progress total).
+        dim: store the first `dim` coordinates of each embedding, re-normalised (a Matryoshka prefix); None: the
+            full width for a new index, an existing index's own dim. A dim other than an existing index's is
+            refused.
     """
     from mmret.data.samples import SkipCounter
+    from mmret.evaluation.matryoshka import check_dim, embedding_width, prefix_encoder
     from mmret.models import create_transforms
     from mmret.training import DualEncoder
 
     module = module if module is not None else DualEncoder.load(model, pretrained, device)
-    fingerprint = model_fingerprint(module)
+    width = embedding_width(module)
+    if dim is not None:
+        check_dim(dim, module, f"--model {model}")
     local = "://" not in str(output)
     created = local and not Path(output).exists()
     store = VectorStore.connect(output)
     manifest = store.read_manifest()
     where = str(output)
+    if manifest is not None:  # adding to an index: at its own dim
+        stored = int(manifest["model"]["dim"])
+        if dim is not None and dim != stored:
+            raise UsageError(
+                f"--dim {dim}: index {where} holds {stored}-d vectors; expected --dim {stored} (or none) to add "
+                "to it, or a new --output for another dim"
+            )
+        # a stored dim wider than this model's embeddings: the fingerprint check below refuses the model
+        dim = stored if stored < width else None
+    module = prefix_encoder(module, dim)
+    fingerprint = model_fingerprint(module)
     if manifest is None:
         manifest = {
             "format": FORMAT_VERSION,
@@ -292,6 +315,7 @@ def build_index(
                 "pretrained": pretrained,
                 "architecture": str(module.hparams.get("model", "")),
                 "dim": len(fingerprint[0]),
+                "embed_dim": width,
                 "fingerprint": fingerprint,
             },
             "captions": captions,

@@ -11,7 +11,9 @@ Text queries search the images (text -> image); image queries search the images 
 first stage's top K are rescored by the cross-encoder (pairs of the query text and each candidate image, or of
 each candidate caption and the query image) and the best k of them returned in the reranker's order; each
 record keeps its first-stage rank and score. The dual encoder must embed into the index's space (checked by the
-index's fingerprint); the reranker's towers must be the index model's architecture.
+index's fingerprint); the reranker's towers must be the index model's architecture. An index of Matryoshka
+prefixes (`mmret index --dim D`) is searched with the query model's first D coordinates, re-normalised, read
+from the index (`mmret.evaluation.matryoshka`): nothing to pass, and a `dim` that is not the index's is refused.
 """
 
 from __future__ import annotations
@@ -137,6 +139,10 @@ class Retriever:
     """
 
     def __init__(self, index: SearchIndex, dual_encoder, reranker=None, batch_size: int = 64) -> None:
+        from mmret.evaluation.matryoshka import embedding_width, prefix_encoder
+
+        if index.dim < embedding_width(dual_encoder):  # an index of prefixes: queries cut the same way
+            dual_encoder = prefix_encoder(dual_encoder, index.dim)
         check_same_space(index.manifest, model_fingerprint(dual_encoder), index.where, "the query model")
         architecture = index.manifest["model"]["architecture"]
         if reranker is not None and architecture and reranker.tower_name != architecture:
@@ -163,11 +169,20 @@ class Retriever:
         model: str | os.PathLike | None = None,
         reranker: str | os.PathLike | None = None,
         device: str = "auto",
+        dim: int | None = None,
     ) -> Retriever:
-        """Open an index with its model (default: the checkpoint recorded in the index) and a reranker."""
+        """Open an index with its model (default: the checkpoint recorded in the index) and a reranker.
+
+        `dim`: the query embedding's width, checked against the index's (None: the index's, as always).
+        """
         from mmret.evaluation.shard_set import resolve_device
 
         opened = SearchIndex.open(index)
+        if dim is not None and dim != opened.dim:
+            raise UsageError(
+                f"--dim {dim}: index {opened.where} holds {opened.dim}-d vectors and its queries are embedded at "
+                f"that width; expected --dim {opened.dim}, or none"
+            )
         device = resolve_device(device)
         pretrained = None
         if model is None:  # the model the index records (a name comes with its pretrained weights)

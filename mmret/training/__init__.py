@@ -8,5 +8,6 @@ checkpoint IO, callbacks, run directories and provenance, W&B). The plain nn.Mod
 
 from mmret.training.cross_encoder import CrossEncoder
 from mmret.training.dual_encoder import DualEncoder
+from mmret.training.fsdp import FSDP2Strategy  # also makes `strategy: fsdp2` a Trainer name
 
-__all__ = ["CrossEncoder", "DualEncoder"]
+__all__ = ["CrossEncoder", "DualEncoder", "FSDP2Strategy"]

@@ -176,9 +176,18 @@ class ResumedTrainLoader(Callback):
     schedule does) makes Lightning build the train loader and start iterating it during strategy setup, before
     the checkpoint's loop state is restored: that loader streams epoch 0 from its first batch and never receives
     the saved position (`{"epoch", "batches_seen"}`), so the resumed epoch would replay the samples of epoch 0.
-    At `on_train_start` the loop state is in place; building the loader again there lets Lightning hand it the
-    saved position, and it streams the right epoch (see mmret.data.loaders.TrainLoader).
+    At `on_train_start` the loop state is in place; the loader is built again there and given the saved position
+    (kept from the checkpoint here: Lightning hands a position over only once, possibly to the loader this
+    replaces, which left the rebuilt one replaying the epoch's first batches), and it streams the rest of the
+    right epoch from a fresh shuffle (see mmret.data.loaders.TrainLoader).
     """
+
+    def __init__(self) -> None:
+        self._positions: list[dict] | None = None
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        fit_state = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
+        self._positions = fit_state.get("combined_loader") or None
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         fit_loop = trainer.fit_loop
@@ -187,7 +196,10 @@ class ResumedTrainLoader(Callback):
         if fit_loop._data_fetcher is not None:
             fit_loop._data_fetcher.teardown()  # stops the workers of the stale iterator
         fit_loop._combined_loader = None
+        if self._positions:  # setup_data hands these over, then starts iterating
+            fit_loop._combined_loader_states_to_load = self._positions
         fit_loop.setup_data()
+        self._positions = None
 
 
 class ProgressLines(Callback):

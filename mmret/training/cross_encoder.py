@@ -31,10 +31,18 @@ term beside its matching loss), which keeps the towers' embedding space and lets
 
 The network scores each pair independently, so a pair's score never depends on the other candidates in the
 batch: `mmret eval --reranker` can rescore any top-K list in any order and batch size.
+
+LoRA (`lora: {rank, alpha, dropout, targets, unlock}`, `mmret.models.lora`) adapts the towers only: their
+weights stay as loaded and low-rank adapters on their attention / MLP layers train instead (plus `unlock`: the
+logit scale, the towers' projections). The fusion layers, the score head, the pixel stem and the first-stage
+scale are created here, randomly initialised, so they always train in full: an adapter on a random layer would
+only restrict it. Checkpoints hold the adapters beside the tower weights; `from_checkpoint` and `mmret export`
+merge them, so an exported reranker is a plain one (`lora: null` in its config).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -58,7 +66,20 @@ from mmret.models import (
     param_groups_for_weight_decay,
 )
 from mmret.models.fusion import FusionScorer, PixelStem, image_tokens, text_tokens, tower_widths
-from mmret.training.checkpoint_io import hyperparameters_for, load_weights, read_checkpoint
+from mmret.models.lora import LoraSettings, apply_lora, has_lora, merge_lora
+from mmret.training.checkpoint_io import (
+    hyperparameters_for,
+    is_checkpoint_path,
+    load_weights,
+    read_checkpoint,
+)
+from mmret.training.fsdp import (
+    GatheredDuringValidation,
+    average_replicated_gradients,
+    clip_sharded_gradients,
+    shard_options_of,
+    shard_reranker,
+)
 from mmret.training.schedule import warmup_cosine, warmup_length
 
 
@@ -119,6 +140,13 @@ class CrossEncoder(LightningModule):
         warmup_steps: Linear warmup steps (or, below 1, a fraction of the run's steps), then cosine decay to 0.
         val_top_k: Validation reranks each query's top-K by the towers' own embeddings and logs the reranked
             metrics as `val/image_retrieval_recall@1`, ... (first stage: `val/first_stage/...`).
+        lora: LoRA on the towers (`mmret.models.lora.LoraSettings`), e.g. `{rank: 8, alpha: 16, targets: [attn,
+            mlp], unlock: [logit_scale]}`: the tower weights are frozen and only their adapters (and `unlock`)
+            train, at `lr × tower_lr_scale` like any tower parameter (LoRA usually wants tower_lr_scale near 1);
+            the fusion layers, score head, pixel stem and first-stage scale are new and train in full. `targets`
+            picks towers ("image", "text"), layer kinds ("attn", "mlp") and/or module-name patterns inside the
+            towers; a tower locked by `lock_image` / `lock_text` gets no adapters (targets that leave no unlocked
+            tower are refused). None: unlocked towers train in full.
     """
 
     def __init__(
@@ -153,6 +181,7 @@ class CrossEncoder(LightningModule):
         weight_decay: float = 0.05,
         warmup_steps: int | float = 50,
         val_top_k: int = 10,
+        lora: dict | None = None,
     ) -> None:
         super().__init__()
         if loss not in ("listwise", "bce"):
@@ -199,6 +228,12 @@ class CrossEncoder(LightningModule):
             lock_image_tower(self.model, 0, True)
         if lock_text:
             lock_text_tower(self.model, 0, True)
+        if lora is not None:  # adapters on the unlocked towers; from_checkpoint / export merge them
+            settings = _tower_lora(lora, lock_image, lock_text)
+            try:
+                apply_lora(self.model, settings)
+            except ValueError as error:  # targets that select no layer of these towers
+                raise UsageError(f"model.lora: {error} (towers {self.tower_name})") from None
         try:
             text_width, image_width, num_patches = tower_widths(self.model, fusion_patch_embeddings)
         except ValueError as error:  # towers the fusion cannot read
@@ -226,9 +261,39 @@ class CrossEncoder(LightningModule):
         self.contrastive = InfoNCELoss(gather=gather) if contrastive_weight > 0 else None
         self._tokenizer = None
         self._val_embedder: EvalSetEmbedder | None = None
+        self._val_gather = GatheredDuringValidation()
         self._val_patches: dict[int, Tensor] = {}
+        self._sharded_root = None  # FSDP2 (`shard`): the root the parts are called through; not a submodule
 
     # ---- network -----------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        # FSDP2 (strategy fsdp2, or Lightning's ModelParallelStrategy)
+        options = shard_options_of(self._trainer.strategy if self._trainer is not None else None)
+        if options is not None and self._sharded_root is None:
+            self.shard(**options)
+
+    def shard(self, **options) -> None:
+        """FSDP2 in place (`mmret.training.fsdp.shard_reranker`): each tower block and fusion layer a unit, the
+        rest under one root that encoding and scoring then run through; the 0-dim scales stay replicated
+        (`on_after_backward` averages their gradients). Options: mesh, mixed_precision, reshard_after_forward."""
+        root = shard_reranker(self.model, self.fusion, self.pixel_stem, **options)
+        object.__setattr__(self, "_sharded_root", root)  # not registered: parameter names stay as they are
+
+    def _through_root(self, fn, *args):
+        return fn(*args) if self._sharded_root is None else self._sharded_root(fn, *args)
+
+    def on_after_backward(self) -> None:
+        if self._sharded_root is not None:  # logit_scale, first_stage_scale: replicated, averaged as DDP does
+            average_replicated_gradients(self)
+
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
+    ) -> None:
+        if self._sharded_root is None or not gradient_clip_val:
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        group = self.trainer.strategy.device_mesh["data_parallel"].get_group()
+        clip_sharded_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm, group)
+
     @property
     def tokenizer(self):
         """The towers' tokenizer (list[str] -> token tensor), built once."""
@@ -239,6 +304,9 @@ class CrossEncoder(LightningModule):
     def encode_images(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """images [B, 3, H, W] -> pooled normalised embedding [B, D], the fusion's image tokens [B, P, Wv]
         (the tower's final patch tokens, then its patch embeddings and the pixel stem's tokens if enabled)."""
+        return self._through_root(self._encode_images, images)
+
+    def _encode_images(self, images: Tensor) -> tuple[Tensor, Tensor]:
         pooled, tokens = image_tokens(self.model, images, self.hparams.fusion_patch_embeddings)
         if self.pixel_stem is None:
             return pooled, tokens
@@ -253,7 +321,7 @@ class CrossEncoder(LightningModule):
             text = self.tokenizer(text)
         if isinstance(text, Mapping):
             text = text["input_ids"]
-        return text_tokens(self.model, text.to(self.device))
+        return self._through_root(text_tokens, self.model, text.to(self.device))
 
     def score_tokens(
         self,
@@ -274,7 +342,7 @@ class CrossEncoder(LightningModule):
             text_emb, image_emb: [B, D] and [N, D] pooled normalised tower embeddings, needed with
                 `first_stage_residual`.
         """
-        scores = self.fusion(text_states, text_mask, patch_tokens, image_index)  # [B]
+        scores = self._through_root(self.fusion, text_states, text_mask, patch_tokens, image_index)  # [B]
         if not self.hparams.first_stage_residual:
             return scores
         if text_emb is None or image_emb is None:
@@ -466,6 +534,9 @@ class CrossEncoder(LightningModule):
 
     # ---- validation: retrieve with the towers' embeddings, rerank the top-K ---------------------------------
     def on_validation_epoch_start(self) -> None:
+        self._val_gather.start(
+            self._sharded_root
+        )  # sharded: gathered once (ranks embed unequal batch counts)
         self._val_embedder = EvalSetEmbedder(lambda image_emb: image_emb, lambda c: self.encode_texts(c)[0],
                                              device=self.device)  # fmt: skip
         self._val_patches = {}
@@ -476,6 +547,12 @@ class CrossEncoder(LightningModule):
         self._val_embedder.add_batch({**batch, "image": image_emb})
 
     def on_validation_epoch_end(self) -> None:
+        try:
+            self._validation_metrics()
+        finally:
+            self._val_gather.stop()
+
+    def _validation_metrics(self) -> None:
         from mmret.evaluation.rerank import PairScorer, two_stage_metrics
 
         eval_set = self._val_embedder.finish()  # collective: every rank gets here
@@ -518,6 +595,8 @@ class CrossEncoder(LightningModule):
         hparams.update(model=checkpoint["mmret"]["model"], pretrained=None, dual_encoder=None)
         module = cls(**hparams)
         load_weights(module, checkpoint["state_dict"], path)
+        if has_lora(module.model):  # LoRA adapters merged: plain towers for eval, search and export
+            module.model = merge_lora(module.model, inplace=True)
         return module.to(device).eval()
 
     @classmethod
@@ -527,7 +606,7 @@ class CrossEncoder(LightningModule):
         import json
 
         folder = Path(path)
-        if not folder.is_dir():
+        if not folder.is_dir() or is_checkpoint_path(folder):  # a file, or a sharded checkpoint folder
             return cls.from_checkpoint(path, device)
         config_path, weights_path = folder / "reranker_config.json", folder / "reranker_model.safetensors"
         if not config_path.is_file() or not weights_path.is_file():
@@ -563,6 +642,30 @@ def _append_negatives(
         torch.cat([positives, torch.zeros_like(extra_valid)], dim=1),
         torch.cat([valid, extra_valid], dim=1),
     )
+
+
+def _tower_lora(lora: dict | LoraSettings, lock_image: bool, lock_text: bool) -> LoraSettings:
+    """`model.lora` as LoraSettings on the towers the reranker trains: a tower locked by `lock_image` /
+    `lock_text` gets no adapters. UsageError in one line for bad settings, or when every tower the targets name
+    (no tower named: both) is locked."""
+    try:
+        settings = LoraSettings.from_value(lora)
+    except (TypeError, ValueError) as error:
+        raise UsageError(f"model.lora: {error}") from None
+    locked = {"image": lock_image, "text": lock_text}
+    towers = [target for target in settings.targets if target in locked] or list(locked)
+    kept = [tower for tower in towers if not locked[tower]]
+    if not kept:
+        flags = " and ".join(f"model.lock_{tower}" for tower in towers)
+        raise UsageError(
+            f"model.lora adapts the {' and '.join(towers)} tower{'s' if len(towers) > 1 else ''}, which {flags} "
+            "freeze; unlock one, target an unlocked tower, or leave model.lora out"
+        )
+    if kept != list(locked):  # name the towers left, so the targets select nothing in a locked one
+        settings = dataclasses.replace(
+            settings, targets=[*kept, *(target for target in settings.targets if target not in locked)]
+        )
+    return settings
 
 
 def _patch_grid(model: torch.nn.Module, num_patches: int) -> tuple[int, int]:

@@ -28,7 +28,6 @@ zero-shot; the compositional metrics at the full width only).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ import torch
 from lightning.pytorch import LightningModule
 
 from mmret.errors import UsageError
+from mmret.evaluation.matryoshka import truncate_eval_set
 from mmret.evaluation.metrics import build_zeroshot_classifier
 from mmret.evaluation.retrieval import (  # noqa: F401  (caption_hash, group_text_queries: re-exported)
     EvalSetEmbedder,
@@ -67,7 +67,21 @@ from mmret.models import (
     set_grad_checkpointing,
 )
 from mmret.models.lora import LoraSettings, apply_lora, has_lora, merge_lora
-from mmret.training.checkpoint_io import hyperparameters_for, load_weights, read_checkpoint
+from mmret.training.checkpoint_io import (
+    hyperparameters_for,
+    is_checkpoint_path,
+    load_weights,
+    read_checkpoint,
+)
+from mmret.training.fsdp import (
+    GatheredDuringValidation,
+    average_replicated_gradients,
+    clip_sharded_gradients,
+    fsdp_encoders,
+    is_sharded,
+    shard_dual_encoder,
+    shard_options_of,
+)
 from mmret.training.gradcache import lightning_gradcache_backward
 from mmret.training.schedule import warmup_cosine, warmup_length, warmup_stable_decay
 
@@ -82,13 +96,13 @@ class _NegativeInput:
     keys: torch.Tensor
 
 
-MODEL_SPEC_HELP = "a .ckpt written by `mmret fit`, a folder written by `mmret export`, or an open_clip model name with --pretrained"
+MODEL_SPEC_HELP = "a .ckpt written by `mmret fit` (a file, or a folder under strategy fsdp2), a folder written by `mmret export`, or an open_clip model name with --pretrained"
 
 
 def check_model_spec(model: str | os.PathLike, pretrained: str | None) -> None:
     """Refuse, before any work, a `--model` / `--pretrained` pair that `DualEncoder.load` cannot load."""
     path = Path(model)
-    if path.is_file():
+    if is_checkpoint_path(path):
         if pretrained is not None:
             raise UsageError(
                 f"--pretrained {pretrained} applies to a model name; {model} is a checkpoint (it holds the weights)"
@@ -156,6 +170,9 @@ class DualEncoder(LightningModule):
         lora: LoRA finetuning (`mmret.models.lora.LoraSettings`): `{rank, alpha, dropout, targets, unlock}`, e.g.
             `{rank: 8, alpha: 16, targets: [image, text, attn, mlp], unlock: [logit_scale]}`; only the adapters
             (and `unlock`) train. None: full finetuning.
+        embed_dim: Width of the shared embedding, replacing the model config's `embed_dim` (both towers'
+            output projections are built at this width; pretrained weights of another width do not fit).
+            None: the config's. A model trained at one small width alone, the baseline of Matryoshka.
     """
 
     def __init__(
@@ -192,6 +209,7 @@ class DualEncoder(LightningModule):
         matryoshka_dims: list[int] | None = None,
         matryoshka_weights: list[float] | None = None,
         lora: dict | None = None,
+        embed_dim: int | None = None,
     ) -> None:
         super().__init__()
         if loss not in ("infonce", "siglip"):
@@ -206,6 +224,10 @@ class DualEncoder(LightningModule):
             raise UsageError(f"model.lr_schedule is {lr_schedule!r}; expected 'cosine' or 'wsd'")
         if not 0.0 < decay_fraction <= 1.0:
             raise UsageError(f"model.decay_fraction is {decay_fraction}; expected a number in (0, 1]")
+        if embed_dim is not None and (
+            isinstance(embed_dim, bool) or int(embed_dim) != embed_dim or embed_dim < 1
+        ):
+            raise UsageError(f"model.embed_dim is {embed_dim!r}; expected a positive integer, or null")
         self.save_hyperparameters()
         warmup_length(warmup_steps, 1)  # a bad value is refused now, not when training starts
         overrides = {}
@@ -217,6 +239,8 @@ class DualEncoder(LightningModule):
             overrides["init_logit_bias"] = init_logit_bias
         elif loss == "siglip":
             overrides["init_logit_bias"] = -10.0
+        if embed_dim is not None:
+            overrides["embed_dim"] = int(embed_dim)
         self.model = create_model(model, pretrained, **overrides)
         if loss == "siglip" and getattr(self.model, "logit_bias", None) is None:
             raise UsageError(
@@ -248,12 +272,17 @@ class DualEncoder(LightningModule):
         self.automatic_optimization = gradcache_chunk_size is None
         self._tokenizer = None
         self._val_embedder: EvalSetEmbedder | None = None
+        self._val_gather = GatheredDuringValidation()
         # The last validation's embedded set (every rank holds the gathered whole), for callbacks that show
         # what the model retrieves (mmret.training.wandb_tracking.ValidationExamplesToWandb).
         self.last_val_eval_set = None
 
     # ---- network -----------------------------------------------------------------------------------------
     def configure_model(self) -> None:
+        # FSDP2 (strategy fsdp2, or Lightning's ModelParallelStrategy): each tower block and the root a unit
+        options = shard_options_of(self._trainer.strategy if self._trainer is not None else None)
+        if options is not None and not is_sharded(self.model):
+            shard_dual_encoder(self.model, **options)
         if self.hparams.compile and not getattr(self, "_compiled", False):
             self.model.visual.compile()
             text = getattr(self.model, "text", None) or self.model.transformer
@@ -269,10 +298,14 @@ class DualEncoder(LightningModule):
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalised image embeddings [B, D]."""
+        if is_sharded(self.model):  # through the root's forward, which gathers its parameters
+            return fsdp_encoders(self.model)[0](images)
         return encode_image(self.model, images, normalize=True)
 
     def encode_text(self, text) -> torch.Tensor:
         """L2-normalised text embeddings [B, D] from tokenizer output."""
+        if is_sharded(self.model):
+            return fsdp_encoders(self.model)[1](text)
         return encode_text(self.model, text, normalize=True)
 
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
@@ -412,11 +445,28 @@ class DualEncoder(LightningModule):
             extra_inputs=[(self._encoder_of(item.kind), item.data) for item in negative_inputs],
         )
         loss = output.loss
-        self.clip_gradients(optimizer, self.trainer.gradient_clip_val, self.trainer.gradient_clip_algorithm)
+        self.configure_gradient_clipping(
+            optimizer, self.trainer.gradient_clip_val, self.trainer.gradient_clip_algorithm
+        )
         optimizer.step()
         scheduler.step()
         self._clamp_logit_scale()
         return loss
+
+    def on_after_backward(self) -> None:
+        # FSDP2 leaves the 0-dim logit_scale / logit_bias replicated: average their gradients as DDP would
+        # (after each GradCache chunk's backward too: averaging is linear, so the sum stays exact)
+        if is_sharded(self.model):
+            average_replicated_gradients(self.model)
+
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
+    ) -> None:
+        if not is_sharded(self.model) or not gradient_clip_val:
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        # sharded and replicated gradients together (torch's clip_grad_norm_ refuses the mix)
+        group = self.trainer.strategy.device_mesh["data_parallel"].get_group()
+        clip_sharded_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm, group)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if self.automatic_optimization:
@@ -484,7 +534,7 @@ class DualEncoder(LightningModule):
           nothing.
         """
         check_model_spec(model, pretrained)
-        if Path(model).is_file():
+        if is_checkpoint_path(model):
             return cls.from_checkpoint(model, device)
         module = cls(model=str(model), pretrained=pretrained, compile=False)
         return module.to(device).eval()
@@ -510,6 +560,7 @@ class DualEncoder(LightningModule):
     # The evaluation path of `mmret eval` (mmret.evaluation.retrieval): images embedded per step, unique
     # captions at the end, gathered from every rank and deduplicated by id, so DDP gives the 1-process result.
     def on_validation_epoch_start(self) -> None:
+        self._val_gather.start(self.model)  # sharded: gathered once (ranks embed unequal batch counts)
         self._val_embedder = EvalSetEmbedder(self.encode_image, self.encode_texts, device=self.device)
         self._val_records: dict[int, tuple[list[str], dict]] = {}
 
@@ -522,6 +573,12 @@ class DualEncoder(LightningModule):
                 self._val_records[int(sample_id)] = (list(captions), dict(metadata or {}))
 
     def on_validation_epoch_end(self) -> None:
+        try:
+            self._validation_metrics()
+        finally:
+            self._val_gather.stop()
+
+    def _validation_metrics(self) -> None:
         eval_set = self._val_embedder.finish()  # collective: every rank gets here, with or without batches
         self._val_embedder = None
         self.last_val_eval_set = eval_set
@@ -560,11 +617,7 @@ class DualEncoder(LightningModule):
         self, eval_set, dim: int, encode_prompts, class_names, templates, zeroshot: bool
     ) -> dict:
         """Retrieval (and zero-shot) metrics of the validation set on the first `dim` coordinates, re-normalised."""
-        prefix_set = dataclasses.replace(
-            eval_set,
-            image_emb=truncate_embeddings(eval_set.image_emb, dim),
-            text_emb=truncate_embeddings(eval_set.text_emb, dim),
-        )
+        prefix_set = truncate_eval_set(eval_set, dim)
         classifier = None
         if zeroshot:
             classifier = build_zeroshot_classifier(

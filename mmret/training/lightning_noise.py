@@ -6,7 +6,8 @@ Dropped: the device census ("GPU available: False, used: False", "TPU available 
 in its run_info.json), the advert for a hosted logger, a note that the LR schedule counted the train loader, the hint to prefix `srun` printed whenever SLURM's
 binaries are installed (our SLURM path, `mmret sweep`, already runs the tasks under srun), a deprecation
 warning Lightning raises about its own code, and its warning about modules in eval mode at the start of training
-(mmret's locked towers are, on purpose). Everything else Lightning says (its warnings about your settings,
+(mmret's locked towers are, on purpose), and its advice to sync validation metrics over ranks (mmret's are
+computed from embeddings gathered from every rank: equal on each). Everything else Lightning says (its warnings about your settings,
 the model summary, the progress bar) is kept.
 """
 
@@ -27,6 +28,8 @@ _WARNINGS = (
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
     # Locked towers (model.lock_image / lock_text) are put in eval mode on purpose (frozen norm statistics).
     r"Found \d+ module\(s\) in eval mode at the start of training",
+    # Validation metrics come from embeddings gathered from every rank: each rank logs the same values.
+    r"It is recommended to use `self.log\('val/.*sync_dist=True\)` when logging on epoch level",
 )
 _LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
 

@@ -45,6 +45,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
+from mmret import distributed
 from mmret.errors import UsageError
 from mmret.io import TEMPORARY_GLOB, describe_os_error, remedy
 from mmret.training.callbacks import (
@@ -53,7 +54,7 @@ from mmret.training.callbacks import (
     ResumedTrainLoader,
     RunCheckpoint,
 )
-from mmret.training.checkpoint_io import AtomicCheckpointIO
+from mmret.training.checkpoint_io import SHARDED_METADATA, AtomicCheckpointIO
 from mmret.training.provenance import RunInfo
 
 RUN_DIR_ENV = "MMRET_RUN_DIR"
@@ -214,6 +215,11 @@ def checkpoint_step(path: str | os.PathLike) -> int | None:
 
     The zip container is checked first (central directory and every member's CRC), then the file is loaded on
     the CPU the way Lightning will load it, so a resume never starts from a file that fails half-way."""
+    path = Path(path)
+    if path.is_dir():  # a sharded checkpoint (strategy fsdp2): every shard whole, then its meta.pt
+        if not distributed.sharded_files_intact(path):
+            return None
+        path = path / SHARDED_METADATA
     try:
         with zipfile.ZipFile(path) as archive:
             if archive.testzip() is not None:
@@ -221,7 +227,7 @@ def checkpoint_step(path: str | os.PathLike) -> int | None:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception:  # a truncated or foreign file raises many types
         return None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+    if not isinstance(checkpoint, dict) or ("state_dict" not in checkpoint and path.name != SHARDED_METADATA):
         return None
     return int(checkpoint.get("global_step", 0))
 
@@ -235,11 +241,9 @@ def newest_intact_checkpoint(checkpoints: str | os.PathLike) -> tuple[Path | Non
         candidates that failed the check.
     """
     folder = Path(checkpoints)
-    candidates = [folder / "last.ckpt"] if (folder / "last.ckpt").is_file() else []
+    candidates = [folder / "last.ckpt"] if (folder / "last.ckpt").exists() else []
     if folder.is_dir():
-        candidates += sorted(
-            p for p in folder.iterdir() if _STEP_CHECKPOINT.fullmatch(p.name) and p.is_file()
-        )
+        candidates += sorted(p for p in folder.iterdir() if _STEP_CHECKPOINT.fullmatch(p.name))
     best, best_step, unreadable = None, None, []
     for candidate in candidates:
         step = checkpoint_step(candidate)
@@ -260,8 +264,11 @@ def prepare_run_dir(run_dir: str | Path, owner: bool = True, resume: bool = True
     """
     checkpoints = Path(run_dir) / "checkpoints"
     if checkpoints.is_dir() and owner:
-        for orphan in checkpoints.glob(TEMPORARY_GLOB):
-            orphan.unlink(missing_ok=True)
+        for orphan in checkpoints.glob(TEMPORARY_GLOB):  # files, and the folders of sharded checkpoints
+            if orphan.is_dir() and not orphan.is_symlink():
+                shutil.rmtree(orphan, ignore_errors=True)
+            else:
+                orphan.unlink(missing_ok=True)
     if not resume:
         return None
     path, step, unreadable = newest_intact_checkpoint(checkpoints)
