@@ -282,36 +282,37 @@ class _WeightMap:
         return sorted(set(self.source) - self.used)
 
 
-def _open_clip_layers(mapper: _WeightMap, source: str, target: str, layers: int) -> None:
-    """open_clip ResidualAttentionBlocks -> CLIP/SigLIP encoder layers (packed q/k/v split in that order)."""
+# Names inside one source block: packed q/k/v weight (its bias beside it), out-projection, the two norms, MLP.
+_OPEN_CLIP_BLOCK = (
+    "attn.in_proj_weight",
+    "attn.in_proj_bias",
+    "attn.out_proj",
+    "ln_1",
+    "ln_2",
+    "mlp.c_fc",
+    "mlp.c_proj",
+)
+_TIMM_BLOCK = ("attn.qkv.weight", "attn.qkv.bias", "attn.proj", "norm1", "norm2", "mlp.fc1", "mlp.fc2")
+
+
+def _encoder_layers(
+    mapper: _WeightMap, source: str, target: str, layers: int, names: tuple[str, ...]
+) -> None:
+    """Transformer blocks (`names`: `_OPEN_CLIP_BLOCK` or `_TIMM_BLOCK`) -> CLIP/SigLIP encoder layers, the packed
+    q/k/v split in q, k, v order."""
+    qkv_weight, qkv_bias, out_proj, norm1, norm2, fc1, fc2 = names
     for index in range(layers):
         block, layer = f"{source}.{index}", f"{target}.{index}"
-        q_w, k_w, v_w = mapper.take(f"{block}.attn.in_proj_weight").chunk(3, dim=0)  # [3W, W] -> 3 x [W, W]
-        q_b, k_b, v_b = mapper.take(f"{block}.attn.in_proj_bias").chunk(3, dim=0)
+        q_w, k_w, v_w = mapper.take(f"{block}.{qkv_weight}").chunk(3, dim=0)  # [3W, W] -> 3 x [W, W]
+        q_b, k_b, v_b = mapper.take(f"{block}.{qkv_bias}").chunk(3, dim=0)
         for name, weight, bias in (("q_proj", q_w, q_b), ("k_proj", k_w, k_b), ("v_proj", v_w, v_b)):
             mapper.target[f"{layer}.self_attn.{name}.weight"] = weight.clone()
             mapper.target[f"{layer}.self_attn.{name}.bias"] = bias.clone()
-        mapper.linear(f"{layer}.self_attn.out_proj", f"{block}.attn.out_proj")
-        mapper.linear(f"{layer}.layer_norm1", f"{block}.ln_1")
-        mapper.linear(f"{layer}.layer_norm2", f"{block}.ln_2")
-        mapper.linear(f"{layer}.mlp.fc1", f"{block}.mlp.c_fc")
-        mapper.linear(f"{layer}.mlp.fc2", f"{block}.mlp.c_proj")
-
-
-def _timm_layers(mapper: _WeightMap, source: str, target: str, layers: int) -> None:
-    """timm ViT blocks -> SigLIP encoder layers (timm's fused qkv split in q, k, v order)."""
-    for index in range(layers):
-        block, layer = f"{source}.{index}", f"{target}.{index}"
-        q_w, k_w, v_w = mapper.take(f"{block}.attn.qkv.weight").chunk(3, dim=0)
-        q_b, k_b, v_b = mapper.take(f"{block}.attn.qkv.bias").chunk(3, dim=0)
-        for name, weight, bias in (("q_proj", q_w, q_b), ("k_proj", k_w, k_b), ("v_proj", v_w, v_b)):
-            mapper.target[f"{layer}.self_attn.{name}.weight"] = weight.clone()
-            mapper.target[f"{layer}.self_attn.{name}.bias"] = bias.clone()
-        mapper.linear(f"{layer}.self_attn.out_proj", f"{block}.attn.proj")
-        mapper.linear(f"{layer}.layer_norm1", f"{block}.norm1")
-        mapper.linear(f"{layer}.layer_norm2", f"{block}.norm2")
-        mapper.linear(f"{layer}.mlp.fc1", f"{block}.mlp.fc1")
-        mapper.linear(f"{layer}.mlp.fc2", f"{block}.mlp.fc2")
+        mapper.linear(f"{layer}.self_attn.out_proj", f"{block}.{out_proj}")
+        mapper.linear(f"{layer}.layer_norm1", f"{block}.{norm1}")
+        mapper.linear(f"{layer}.layer_norm2", f"{block}.{norm2}")
+        mapper.linear(f"{layer}.mlp.fc1", f"{block}.{fc1}")
+        mapper.linear(f"{layer}.mlp.fc2", f"{block}.{fc2}")
 
 
 def _text_weights(mapper: _WeightMap, text: TextTowerView, layers: int) -> None:
@@ -319,7 +320,9 @@ def _text_weights(mapper: _WeightMap, text: TextTowerView, layers: int) -> None:
     prefix = text.prefix
     mapper.copy("text_model.embeddings.token_embedding.weight", f"{prefix}token_embedding.weight")
     mapper.copy("text_model.embeddings.position_embedding.weight", f"{prefix}positional_embedding")
-    _open_clip_layers(mapper, f"{prefix}transformer.resblocks", "text_model.encoder.layers", layers)
+    _encoder_layers(
+        mapper, f"{prefix}transformer.resblocks", "text_model.encoder.layers", layers, _OPEN_CLIP_BLOCK
+    )
     mapper.linear("text_model.final_layer_norm", f"{prefix}ln_final")
 
 
@@ -365,8 +368,12 @@ def _clip_model(model: nn.Module, mapper: _WeightMap):
     mapper.copy("vision_model.embeddings.patch_embedding.weight", "visual.conv1.weight")
     mapper.copy("vision_model.embeddings.position_embedding.weight", "visual.positional_embedding")
     mapper.linear("vision_model.pre_layrnorm", "visual.ln_pre")
-    _open_clip_layers(
-        mapper, "visual.transformer.resblocks", "vision_model.encoder.layers", len(vision_blocks)
+    _encoder_layers(
+        mapper,
+        "visual.transformer.resblocks",
+        "vision_model.encoder.layers",
+        len(vision_blocks),
+        _OPEN_CLIP_BLOCK,
     )
     mapper.linear("vision_model.post_layernorm", "visual.ln_post")
     mapper.target["visual_projection.weight"] = (
@@ -413,7 +420,9 @@ def _siglip_model(model: nn.Module, mapper: _WeightMap):
     mapper.linear("vision_model.embeddings.patch_embedding", f"{vision}.patch_embed.proj")
     position = mapper.take(f"{vision}.pos_embed")  # [1, N, W]
     mapper.target["vision_model.embeddings.position_embedding.weight"] = position.reshape(-1, width).clone()
-    _timm_layers(mapper, f"{vision}.blocks", "vision_model.encoder.layers", len(vision_blocks))
+    _encoder_layers(
+        mapper, f"{vision}.blocks", "vision_model.encoder.layers", len(vision_blocks), _TIMM_BLOCK
+    )
     mapper.linear("vision_model.post_layernorm", f"{vision}.norm")
     head, pool = "vision_model.head", f"{vision}.attn_pool"
     mapper.copy(f"{head}.probe", f"{pool}.latent")

@@ -38,6 +38,10 @@ Run the tests: `.venv/bin/pytest tests/test_fsdp2.py -m ddp` (2 gloo ranks on CP
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
+import socket
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
@@ -378,11 +382,6 @@ class FSDP2Strategy(ModelParallelStrategy):
         has written its shards: a run killed at any moment leaves the previous checkpoint or the new one."""
         if not self._save_distributed_checkpoint or "://" in str(filepath):
             return super().save_checkpoint(checkpoint, filepath, storage_options)
-        import os
-        import shutil
-        import socket
-        import uuid
-
         target = Path(self.broadcast(str(filepath)))
         token = self.broadcast(f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         work = target.parent / f".{target.name}.{token}.tmp"
