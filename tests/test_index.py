@@ -183,7 +183,8 @@ def test_approximate_index_above_the_threshold(shapes_test, trained_checkpoint, 
     report = build_index(trained_checkpoint, [next(shapes_test.glob("*.tar"))], output, progress=False,
                          approximate_above=500, ann=AnnSettings(partitions=4, sub_vectors=8))  # fmt: skip
     assert report.approximate["images"]["type"] == "IVF_PQ"
-    index = SearchIndex.open(output, AnnSettings(nprobes=4, refine_factor=50))
+    # every partition probed and refine_factor x k above the row count: all rows are re-scored exactly
+    index = SearchIndex.open(output, AnnSettings(nprobes=4, refine_factor=1000))
     assert not index.exact("images")
     retriever = Retriever(index, Retriever.open(output, device="cpu").dual_encoder)
     queries = ["a red circle left of a blue square", "a yellow diamond above a green triangle"]
